@@ -1,0 +1,420 @@
+"""A private pcscd with vsmartcard's vpcd readers, for tests, demo and benchmarks.
+
+Why it looks like this (see /work/shared/notes/test-stack.md §1):
+
+* pcscd's socket is fixed at ``/run/pcscd/pcscd.comm``; there can be only one
+  pcscd per mount namespace.  We therefore refuse to start unless
+  ``CCIDBRIDGE_ISOLATED=1`` (set by ``.ci/isolated``, which gives us a private
+  tmpfs on /run), so we can never clobber the machine's own pcscd.
+* ``pcscd -c DIR`` replaces ``/etc/reader.conf.d``: we write our own vpcd
+  entries into a temp dir and never touch /etc.  Each entry gives 2 slots,
+  ``NAME 00 00`` on TCP ``port`` and ``NAME 00 01`` on ``port + 1``; each entry
+  needs a distinct FRIENDLYNAME (duplicates give duplicate reader names).
+* ``--foreground`` keeps logs on stdout (there is no syslog); never
+  ``--auto-exit`` (it quits after 60 s without clients).
+* New config entries need a pcscd restart (``pcscd -H`` does nothing here), and
+  every card must reconnect after a restart (vpcd's sockets die with pcscd).
+* Readiness is polled with the PC/SC API itself (SCardListReaders), not with a
+  subprocess, because that is exactly what clients need.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from smartcard import scard
+
+PCSCD = "/usr/sbin/pcscd"
+VPCD_DRIVER = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
+PCSCD_PIDFILE = Path("/run/pcscd/pcscd.pid")
+#: vpcd's default port (0x8C7B); the system config uses it for "Virtual PCD".
+DEFAULT_BASE_PORT = 35963
+SLOTS_PER_ENTRY = 2
+DEFAULT_NAME = "Virtual PCD"
+
+
+class LabError(RuntimeError):
+    """The lab could not be set up as asked (clear message, no traceback hunt)."""
+
+
+def require_isolated() -> None:
+    """Refuse to run daemons outside ``.ci/isolated`` (they would hit the host's /run)."""
+    if os.environ.get("CCIDBRIDGE_ISOLATED") != "1":
+        raise LabError(
+            "refusing to start pcscd outside the private namespace: its socket is fixed at "
+            "/run/pcscd/pcscd.comm and would clash with the machine's own pcscd. "
+            "Run under .ci/isolated (which sets CCIDBRIDGE_ISOLATED=1)."
+        )
+
+
+@dataclass(frozen=True)
+class ReaderSlot:
+    """One vpcd slot as PC/SC clients see it, and the TCP port its card connects to."""
+
+    name: str
+    port: int
+    entry: int
+    slot: int
+
+
+def entry_name(index: int, base: str = DEFAULT_NAME) -> str:
+    """FRIENDLYNAME of config entry ``index``: "Virtual PCD", "Virtual PCD B", "… C"."""
+    if index == 0:
+        return base
+    if index > 25:
+        raise LabError("at most 26 vpcd config entries")
+    return f"{base} {chr(ord('A') + index)}"
+
+
+def layout(n_entries: int, base_port: int = DEFAULT_BASE_PORT) -> list[ReaderSlot]:
+    """Reader names and ports for ``n_entries`` vpcd entries (2 slots each).
+
+    Entry ``i`` listens on ``base_port + 2*i`` (slot 00) and ``+1`` (slot 01).
+    """
+    slots = []
+    for i in range(n_entries):
+        name = entry_name(i)
+        for s in range(SLOTS_PER_ENTRY):
+            slots.append(
+                ReaderSlot(f"{name} 00 {s:02d}", base_port + SLOTS_PER_ENTRY * i + s, i, s)
+            )
+    return slots
+
+
+def write_reader_conf(directory: Path, slots: list[ReaderSlot], driver_dir: Path) -> None:
+    """One reader.conf.d file per vpcd entry.  ``/dev/null:PORT`` makes vpcd listen on PORT.
+
+    Every entry after the first gets its *own copy* of libifdvpcd.so: vpcd 3.3
+    keeps its per-slot state in a global array indexed by ``Lun & 0xffff``
+    (the slot number only), so two entries sharing one loaded driver overwrite
+    each other's slot 0/1 (entry B's listener replaces entry A's, and reader
+    "…PCD 00 00" never sees its card).  glibc dedups dlopen by inode, so a
+    symlink is not enough; a real copy is.  Found on this machine, contrary to
+    test-stack.md §1.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    driver_dir.mkdir(parents=True, exist_ok=True)
+    for s in slots:
+        if s.slot:
+            continue
+        lib = Path(VPCD_DRIVER)
+        if s.entry:
+            lib = driver_dir / f"libifdvpcd-{s.entry:02d}.so"
+            if not lib.exists():
+                shutil.copyfile(VPCD_DRIVER, lib)
+        name = s.name.rsplit(" 00 ", 1)[0]
+        (directory / f"vpcd-{s.entry:02d}").write_text(
+            f'FRIENDLYNAME "{name}"\n'
+            f"DEVICENAME   /dev/null:0x{s.port:04X}\n"
+            f"LIBPATH      {lib}\n"
+            f"CHANNELID    0x{s.port:04X}\n"
+        )
+
+
+def list_readers() -> list[str]:
+    """Reader names from pcscd, or raise ``OSError``-ish ``LabError`` carrying the hresult."""
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if hr != scard.SCARD_S_SUCCESS:
+        raise PcscError(hr)
+    try:
+        hr, readers = scard.SCardListReaders(ctx, [])
+        if hr == scard.SCARD_E_NO_READERS_AVAILABLE:
+            return []
+        if hr != scard.SCARD_S_SUCCESS:
+            raise PcscError(hr)
+        return list(readers)
+    finally:
+        scard.SCardReleaseContext(ctx)
+
+
+class PcscError(LabError):
+    def __init__(self, hresult: int) -> None:
+        self.hresult = hresult & 0xFFFFFFFF
+        super().__init__(f"PC/SC error 0x{self.hresult:08X}")
+
+
+def _pidfile_pid() -> int | None:
+    """The pid in pcscd's pid file (it ends in a NUL byte, notes §1), if that process lives."""
+    try:
+        pid = int(PCSCD_PIDFILE.read_bytes().strip(b"\0\n ") or b"0")
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    # A zombie still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+    except OSError:
+        return None
+    return pid
+
+
+@dataclass(frozen=True)
+class CardState:
+    """Result of :func:`wait_card_state`: raw event state, ATR, and when it was seen."""
+
+    present: bool
+    event_state: int
+    atr: bytes
+    elapsed: float
+
+    @property
+    def event_count(self) -> int:
+        return (self.event_state >> 16) & 0xFFFF
+
+
+def wait_card_state(reader: str, present: bool, timeout: float = 5.0) -> CardState:
+    """Block (SCardGetStatusChange, no sleeps) until ``reader`` has / lacks a card.
+
+    pcscd polls vpcd slots every 400 ms (notes §3), so detection takes up to
+    about 0.4 s either way.  Raises ``TimeoutError`` after ``timeout`` s.
+    """
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    if hr != scard.SCARD_S_SUCCESS:
+        raise PcscError(hr)
+    try:
+        current = scard.SCARD_STATE_UNAWARE
+        while True:
+            left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            hr, states = scard.SCardGetStatusChange(ctx, left_ms, [(reader, current)])
+            if hr == scard.SCARD_E_TIMEOUT:
+                raise TimeoutError(
+                    f"{reader!r}: card {'not present' if present else 'still present'} "
+                    f"after {timeout:.1f} s"
+                )
+            if hr != scard.SCARD_S_SUCCESS:
+                raise PcscError(hr)
+            _, event, atr = states[0]
+            if event & scard.SCARD_STATE_UNKNOWN:
+                raise LabError(f"unknown reader {reader!r}")
+            is_present = bool(event & scard.SCARD_STATE_PRESENT) and not (
+                event & scard.SCARD_STATE_MUTE
+            )
+            if is_present == present:
+                return CardState(is_present, event, bytes(atr), time.monotonic() - t0)
+            # Ask again with what we now know; the CHANGED bit must not be echoed back.
+            current = event & ~scard.SCARD_STATE_CHANGED
+    finally:
+        scard.SCardReleaseContext(ctx)
+
+
+class PcscStack:
+    """pcscd in the foreground with ``n_entries`` vpcd config entries (2 slots each).
+
+    Use as a context manager.  ``slots`` lists every reader slot with its port.
+    Logs go to ``log_path`` (``pcscd --debug`` output; appended across restarts).
+    """
+
+    def __init__(
+        self,
+        n_entries: int = 2,
+        *,
+        base_port: int = DEFAULT_BASE_PORT,
+        workdir: Path | str | None = None,
+        debug: bool = True,
+        start_timeout: float = 10.0,
+    ) -> None:
+        if n_entries < 1:
+            raise ValueError("need at least one vpcd entry")
+        self.n_entries = n_entries
+        self.base_port = base_port
+        self.debug = debug
+        self.start_timeout = start_timeout
+        self._own_tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._own_tmp = tempfile.TemporaryDirectory(prefix="ccidbridge-pcsc-")
+            workdir = self._own_tmp.name
+        self.workdir = Path(workdir)
+        self.confdir = self.workdir / "reader.conf.d"
+        self.log_path = self.workdir / "pcscd.log"
+        self.slots: list[ReaderSlot] = layout(n_entries, base_port)
+        self.proc: subprocess.Popen[bytes] | None = None
+        #: seconds from exec to all readers listed, for the last start
+        self.start_seconds: float | None = None
+        self._claimed: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- reader bookkeeping -------------------------------------------------
+    @property
+    def readers(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+    def slot(self, reader: str) -> ReaderSlot:
+        for s in self.slots:
+            if s.name == reader:
+                return s
+        raise KeyError(reader)
+
+    def port(self, reader: str) -> int:
+        """TCP port a card must connect to for ``reader``."""
+        return self.slot(reader).port
+
+    def claim_slot(self) -> ReaderSlot:
+        """Reserve a slot nobody in this process uses yet (for card fixtures)."""
+        with self._lock:
+            for s in self.slots:
+                if s.name not in self._claimed:
+                    self._claimed.add(s.name)
+                    return s
+        raise LabError(
+            f"all {len(self.slots)} vpcd slots are in use; call ensure_slots(n) for more"
+        )
+
+    def release_slot(self, reader: str) -> None:
+        with self._lock:
+            self._claimed.discard(reader)
+
+    # -- lifecycle ----------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> PcscStack:
+        """Write the config, exec pcscd, and wait until every reader is listed."""
+        require_isolated()
+        if self.running:
+            return self
+        other = _pidfile_pid()
+        if other is not None:
+            raise LabError(f"another pcscd (pid {other}) is running in this namespace")
+        for d in (self.confdir,):
+            if d.exists():
+                for f in d.iterdir():
+                    f.unlink()
+        write_reader_conf(self.confdir, self.slots, self.workdir / "drivers")
+        args = [PCSCD, "--foreground", "-c", str(self.confdir)]
+        if self.debug:
+            args.append("--debug")
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            log.write(f"==== {time.strftime('%H:%M:%S')} {' '.join(args)}\n".encode())
+            log.flush()
+            t0 = time.monotonic()
+            self.proc = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        finally:
+            log.close()
+        try:
+            self._wait_readers(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def _wait_readers(self, t0: float) -> None:
+        want = set(self.readers)
+        last: object = None
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(
+                    f"pcscd exited with rc {self.proc.returncode}; log:\n{self.log_tail()}"
+                )
+            try:
+                have = set(list_readers())
+                if want <= have:
+                    return
+                last = sorted(have)
+            except PcscError as exc:  # NO_SERVICE until the socket is up
+                last = exc
+            if time.monotonic() - t0 > self.start_timeout:
+                raise LabError(
+                    f"pcscd readers not listed after {self.start_timeout} s "
+                    f"(last: {last}); log:\n{self.log_tail()}"
+                )
+            time.sleep(0.002)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM pcscd by pid and reap it (SIGKILL if it lingers)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+
+    def restart(self) -> None:
+        """Stop and start pcscd with the same config.
+
+        Every PC/SC context from before is dead afterwards (SCARD_E_NO_SERVICE
+        even though SCardIsValidContext says OK, notes §1), and every card has
+        been disconnected: restart the cards too.
+        """
+        self.stop()
+        self.start()
+
+    def ensure_slots(self, n_slots: int) -> None:
+        """Grow to at least ``n_slots`` slots (restarts pcscd if it must grow)."""
+        need = -(-n_slots // SLOTS_PER_ENTRY)
+        if need <= self.n_entries:
+            return
+        was_running = self.running
+        self.stop()
+        self.n_entries = need
+        self.slots = layout(need, self.base_port)
+        if was_running:
+            self.start()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_tmp is not None:
+            self._own_tmp.cleanup()
+            self._own_tmp = None
+
+    def __enter__(self) -> PcscStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_card_state(self, reader: str, present: bool, timeout: float = 5.0) -> CardState:
+        return wait_card_state(reader, present, timeout)
+
+
+__all__ = [
+    "DEFAULT_BASE_PORT",
+    "CardState",
+    "LabError",
+    "PcscError",
+    "PcscStack",
+    "ReaderSlot",
+    "layout",
+    "list_readers",
+    "require_isolated",
+    "wait_card_state",
+    "write_reader_conf",
+]
