@@ -32,6 +32,15 @@ from pathlib import Path
 
 from smartcard import scard
 
+from ccidbridge.lab.vpcd_card import (
+    DEFAULT_ATR,
+    Behaviour,
+    CardLogic,
+    CardProcess,
+    VpcdCard,
+    parse_atr,
+)
+
 PCSCD = "/usr/sbin/pcscd"
 VPCD_DRIVER = "/usr/lib/pcsc/drivers/serial/libifdvpcd.so"
 PCSCD_PIDFILE = Path("/run/pcscd/pcscd.pid")
@@ -404,10 +413,176 @@ class PcscStack:
     def wait_card_state(self, reader: str, present: bool, timeout: float = 5.0) -> CardState:
         return wait_card_state(reader, present, timeout)
 
+    def insert_card(
+        self,
+        atr: bytes | str = DEFAULT_ATR,
+        behaviour: Behaviour | None = None,
+        *,
+        reader: str | None = None,
+        process: bool = True,
+        wait: bool = True,
+        timeout: float = 5.0,
+    ) -> InsertedCard:
+        """Start our vpcd test card on a free slot (or ``reader``) and wait until PRESENT.
+
+        ``process=True`` runs it as a child process (needed for SIGSTOP/SIGKILL
+        tests); ``False`` runs it on a thread in this process (cheaper).
+        Call ``.close()`` on the result (fixtures do) to remove it and free the slot.
+        """
+        if reader is None:
+            slot = self.claim_slot()
+        else:
+            slot = self.slot(reader)
+            with self._lock:
+                if slot.name in self._claimed:
+                    raise LabError(f"{reader!r} already has a card from this lab")
+                self._claimed.add(slot.name)
+        card = InsertedCard(
+            self,
+            slot,
+            parse_atr(atr) if isinstance(atr, str) else atr,
+            behaviour or Behaviour(),
+            process=process,
+        )
+        try:
+            card.insert(wait=wait, timeout=timeout)
+        except BaseException:
+            card.close()
+            raise
+        return card
+
+
+class InsertedCard:
+    """Our test card in one vpcd slot: insert/remove/kill/SIGSTOP it like a real card.
+
+    Removal is only *seen* by pcscd at its next 400 ms poll (notes §3), so
+    ``remove(wait=True)`` blocks until the reader is EMPTY; otherwise the next
+    card in this slot could be mistaken for "present" on the stale state.
+    """
+
+    def __init__(
+        self,
+        stack: PcscStack,
+        slot: ReaderSlot,
+        atr: bytes,
+        behaviour: Behaviour,
+        *,
+        process: bool = True,
+    ) -> None:
+        self.stack = stack
+        self.slot = slot
+        self.reader = slot.name
+        self.port = slot.port
+        self.atr = atr
+        self.behaviour = behaviour
+        self.process = process
+        self.card: CardProcess | VpcdCard | None = None
+        self._closed = False
+        #: :class:`CardState` of the last successful insert (ATR, time to PRESENT)
+        self.inserted_state: CardState | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.card.pid if isinstance(self.card, CardProcess) else None
+
+    @property
+    def logic(self) -> CardLogic:
+        """The in-process card's state (only for ``process=False``)."""
+        if not isinstance(self.card, VpcdCard):
+            raise LabError("card state is only visible for in-process cards")
+        return self.card.logic
+
+    def insert(self, *, wait: bool = True, timeout: float = 5.0) -> CardState | None:
+        if self.card is not None:
+            raise LabError(f"{self.reader!r}: card already inserted")
+        if self._stale_present():
+            wait_card_state(self.reader, False, timeout)
+        if self.process:
+            log = self.stack.workdir / f"card-{self.port}.log"
+            self.card = CardProcess(
+                self.port, atr=self.atr, behaviour=self.behaviour, log_path=log
+            ).start()
+        else:
+            self.card = VpcdCard(self.port, atr=self.atr, behaviour=self.behaviour).start()
+        if not wait:
+            return None
+        self.inserted_state = wait_card_state(self.reader, True, timeout)
+        return self.inserted_state
+
+    def _stale_present(self) -> bool:
+        """Is pcscd still showing a card from before (its removal not polled yet)?"""
+        try:
+            hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+            if hr != scard.SCARD_S_SUCCESS:
+                return False
+            try:
+                hr, st = scard.SCardGetStatusChange(
+                    ctx, 0, [(self.reader, scard.SCARD_STATE_UNAWARE)]
+                )
+            finally:
+                scard.SCardReleaseContext(ctx)
+        except Exception:  # noqa: BLE001 - best effort probe
+            return False
+        return hr == scard.SCARD_S_SUCCESS and bool(st[0][1] & scard.SCARD_STATE_PRESENT)
+
+    def remove(
+        self, *, sig: int = signal.SIGTERM, wait: bool = True, timeout: float = 5.0
+    ) -> CardState | None:
+        """Stop the card (``sig`` for the process form) and, if ``wait``, until EMPTY."""
+        card, self.card = self.card, None
+        if card is None:
+            return None
+        if isinstance(card, CardProcess):
+            card.stop(sig)
+        else:
+            card.stop()
+        if wait and self.stack.running:
+            return wait_card_state(self.reader, False, timeout)
+        return None
+
+    def kill(self, *, wait: bool = True, timeout: float = 5.0) -> CardState | None:
+        return self.remove(sig=signal.SIGKILL, wait=wait, timeout=timeout)
+
+    def _proc(self) -> CardProcess:
+        if not isinstance(self.card, CardProcess):
+            raise LabError("signals need a card started with process=True")
+        return self.card
+
+    def sigstop(self) -> None:
+        """Freeze the card process: APDUs to it block forever in pcscd (notes §2)."""
+        self._proc().sigstop()
+
+    def sigcont(self) -> None:
+        self._proc().sigcont()
+
+    def restart(self, *, wait: bool = True, timeout: float = 5.0) -> CardState | None:
+        """Remove and re-insert (also the way back after a pcscd restart)."""
+        self.remove(wait=wait, timeout=timeout)
+        return self.insert(wait=wait, timeout=timeout)
+
+    def close(self) -> None:
+        """Remove (waiting for EMPTY when pcscd runs) and free the slot.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.remove(wait=True)
+        except (TimeoutError, LabError):
+            pass
+        finally:
+            self.stack.release_slot(self.reader)
+
+    def __enter__(self) -> InsertedCard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 __all__ = [
     "DEFAULT_BASE_PORT",
     "CardState",
+    "InsertedCard",
     "LabError",
     "PcscError",
     "PcscStack",

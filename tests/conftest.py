@@ -1,0 +1,3 @@
+"""Shared pytest configuration: fixture plugins."""
+
+pytest_plugins = ["tests.fixtures_stack", "tests.fixtures_guest"]

@@ -1,0 +1,120 @@
+"""pytest fixtures for the lab: pcscd + vpcd readers, test cards, vicc, QEMU.
+
+Loaded from tests/conftest.py (``pytest_plugins``).  Everything that starts a
+process stops it by pid in a ``finally``/teardown, so a failing test never
+leaks a card, vicc or QEMU into the next one.
+
+* ``pcsc_stack`` (session): a :class:`PcscStack` with 2 vpcd entries = 4 slots.
+  Need more?  ``pcsc_stack.ensure_slots(n)`` (restarts pcscd; do it before
+  inserting cards).  Skips when not inside ``.ci/isolated``.
+* ``test_card`` (function): factory ``test_card(atr="dual", behaviour=None, *,
+  reader=None, process=True, wait=True) -> InsertedCard``; every card it made
+  is removed (and its slot freed) at teardown.
+* ``vicc_card`` (function): a running Debian vicc (iso7816) on a free slot.
+* ``qemu_passthru`` (function): factory ``qemu_passthru(transport="tcp",
+  server=True, n_cards=1, debug=False, ...) -> QemuPassthru`` (started); all
+  killed at teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ccidbridge.lab.pcsc import InsertedCard, PcscStack
+from ccidbridge.lab.qemu import QemuPassthru
+from ccidbridge.lab.vicc import SYSTEM_PYTHON, ViccProcess
+from ccidbridge.lab.vpcd_card import Behaviour
+
+
+def _stack_skip_reason() -> str | None:
+    if os.environ.get("CCIDBRIDGE_ISOLATED") != "1":
+        return "needs the private namespace: run under .ci/isolated"
+    if not Path("/usr/sbin/pcscd").exists():
+        return "pcscd not installed"
+    return None
+
+
+@pytest.fixture(scope="session")
+def pcsc_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PcscStack]:
+    """pcscd with 4 vpcd slots, for the whole session (restarted if a test killed it)."""
+    reason = _stack_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    stack = PcscStack(2, workdir=tmp_path_factory.mktemp("pcsc"))
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def _pcsc_alive(pcsc_stack: PcscStack) -> PcscStack:
+    """The session stack, restarted first if an earlier test left pcscd stopped."""
+    if not pcsc_stack.running:
+        pcsc_stack.start()
+    return pcsc_stack
+
+
+@pytest.fixture
+def test_card(_pcsc_alive: PcscStack) -> Iterator[Callable[..., InsertedCard]]:
+    """Factory: insert our vpcd test card into a free slot; all removed at teardown."""
+    made: list[InsertedCard] = []
+
+    def make(
+        atr: bytes | str = "dual",
+        behaviour: Behaviour | list[str] | None = None,
+        **kwargs: Any,
+    ) -> InsertedCard:
+        if isinstance(behaviour, list):
+            behaviour = Behaviour.parse(behaviour)
+        card = _pcsc_alive.insert_card(atr, behaviour, **kwargs)
+        made.append(card)
+        return card
+
+    try:
+        yield make
+    finally:
+        for card in reversed(made):
+            card.close()
+
+
+@pytest.fixture
+def vicc_card(_pcsc_alive: PcscStack) -> Iterator[ViccProcess]:
+    """Debian's vicc (-t iso7816, through the fixed wrapper) PRESENT in a free slot."""
+    if not Path(SYSTEM_PYTHON).exists() or not Path("/usr/bin/vicc").exists():
+        pytest.skip("vsmartcard-vpicc not installed")
+    vicc = ViccProcess(_pcsc_alive)
+    try:
+        vicc.start()
+        yield vicc
+    finally:
+        vicc.close()
+
+
+@pytest.fixture
+def qemu_passthru(tmp_path: Path) -> Iterator[Callable[..., QemuPassthru]]:
+    """Factory: start QEMU alone with ccid-card-passthru; all killed at teardown."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    if os.environ.get("CCIDBRIDGE_ISOLATED") != "1":
+        pytest.skip("needs the private namespace: run under .ci/isolated")
+    made: list[QemuPassthru] = []
+
+    def make(transport: str = "tcp", **kwargs: Any) -> QemuPassthru:
+        kwargs.setdefault("workdir", tmp_path / f"qemu{len(made)}")
+        q = QemuPassthru(transport, **kwargs)
+        made.append(q)
+        return q.start()
+
+    try:
+        yield make
+    finally:
+        for q in made:
+            q.close()
