@@ -1,0 +1,50 @@
+# ccidbridge — `make demo` and `make test` set up everything on a fresh
+# Debian 12 (as root): Debian packages, a venv, an editable install.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+PACKAGES := $(shell sed 's/\#.*//' .ci/debian-packages)
+ISOLATED := .ci/isolated
+READER   ?=
+
+.PHONY: setup deps venv test demo bench lint examples clean
+
+setup: deps venv
+
+# Install the Debian packages that are missing (and only those).
+deps:
+	@missing=$$(for p in $(PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: setup
+	$(VENV)/bin/ruff check ccidbridge tests benchmarks
+	$(ISOLATED) $(VENV)/bin/pytest -q
+
+demo: setup
+	$(ISOLATED) $(PY) -m ccidbridge.demo $(if $(READER),--reader '$(READER)')
+
+bench: setup
+	$(ISOLATED) $(PY) -m benchmarks
+
+lint: venv
+	$(VENV)/bin/ruff check ccidbridge tests benchmarks
+
+examples: venv
+	$(PY) -m ccidbridge.examples_regen
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+from ccidbridge.cli import main
+
+raise SystemExit(main())

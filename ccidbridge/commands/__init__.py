@@ -1,0 +1,1 @@
+"""One module per ``ccidbridge`` sub-command (see ccidbridge.cli)."""
