@@ -1,0 +1,63 @@
+"""QEMU alone with ccid-card-passthru: starts, has a QMP monitor, answers VSCard Init."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from ccidbridge.lab.qemu import QemuPassthru
+
+pytestmark = pytest.mark.qemu
+
+INIT = bytes.fromhex("00000001 00000000 0000000c 56534344 00000002 00000000")
+INIT_REPLY = bytes.fromhex("00000001 ffffffff 0000000c 56534344 00000002 00000000")
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} bytes")
+        buf += chunk
+    return buf
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_qemu_answers_init(qemu_passthru, transport: str) -> None:  # noqa: ANN001
+    q: QemuPassthru = qemu_passthru(transport)
+    assert "usb-ccid" in q.hmp("info qtree")
+    assert "CCID" in q.hmp("info usb") or "ccid" in q.hmp("info usb").lower()
+    with q.connect() as s:
+        s.settimeout(5)
+        s.sendall(INIT)
+        assert _recv_exact(s, len(INIT_REPLY)) == INIT_REPLY
+
+
+def test_qemu_connects_to_us(qemu_passthru, tmp_path) -> None:  # noqa: ANN001
+    """Client mode (reconnect=1): the bridge listens, QEMU dials in and sends nothing first."""
+    from ccidbridge.lab.qemu import UnixEndpoint
+
+    ep = UnixEndpoint(str(tmp_path / "bridge.sock"))
+    with ep.listen() as srv:
+        srv.settimeout(10)
+        qemu_passthru("unix", server=False, endpoints=[ep])
+        conn, _ = srv.accept()
+        with conn:
+            conn.settimeout(5)
+            conn.sendall(INIT)
+            assert _recv_exact(conn, len(INIT_REPLY)) == INIT_REPLY
+
+
+def test_qemu_debug_and_kill(qemu_passthru) -> None:  # noqa: ANN001
+    q: QemuPassthru = qemu_passthru("tcp", debug=True)
+    with q.connect() as s:
+        s.settimeout(5)
+        s.sendall(INIT)
+        _recv_exact(s, len(INIT_REPLY))
+    pid = q.pid
+    assert pid is not None
+    q.kill()
+    assert q.pid is None
+    assert "ccid" in q.stdout().lower()

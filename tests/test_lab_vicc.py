@@ -1,0 +1,46 @@
+"""Debian's real vicc through the lab's fixed wrapper: the 'real emulator' smoke test."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+from smartcard import scard
+
+from ccidbridge.lab.pcsc import LabError, PcscStack, wait_card_state
+from ccidbridge.lab.vicc import VICC_ATR, ViccProcess
+
+pytestmark = pytest.mark.stack
+
+
+def test_vicc_smoke(vicc_card: ViccProcess, record_property) -> None:  # noqa: ANN001
+    state = wait_card_state(vicc_card.reader, True, 1)
+    assert state.atr == VICC_ATR
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert hr == 0
+    try:
+        hr, h, proto = scard.SCardConnect(
+            ctx, vicc_card.reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T1
+        )
+        assert hr == 0 and proto == scard.SCARD_PROTOCOL_T1
+        times = []
+        for _ in range(50):
+            t = time.perf_counter()
+            hr, resp = scard.SCardTransmit(h, proto, [0x00, 0x84, 0x00, 0x00, 0x08])
+            times.append(time.perf_counter() - t)
+            assert hr == 0 and len(resp) == 10 and resp[-2:] == [0x90, 0x00]
+        hr, resp = scard.SCardTransmit(h, proto, list(bytes.fromhex("002000000431323334")))
+        assert (hr, resp) == (0, [0x90, 0x00])
+        scard.SCardDisconnect(h, scard.SCARD_LEAVE_CARD)
+    finally:
+        scard.SCardReleaseContext(ctx)
+    med = statistics.median(times)
+    record_property("vicc_apdu_median_us", round(med * 1e6, 1))
+    assert med < 0.010, "the TCP_QUICKACK fix is not active (stock vicc: 44 ms)"
+
+
+def test_vicc_refuses_without_pcscd(pcsc_stack: PcscStack) -> None:
+    stopped = PcscStack(1)  # never started
+    with pytest.raises(LabError, match="pcscd"):
+        ViccProcess(stopped, pcsc_stack.slots[0]).start()
