@@ -174,7 +174,12 @@ def _download_kernel(tmp: Path) -> Path:
     download = ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download"]
     try:
         _run(download + [_kernel_package()], cwd=tmp)
-    except GuestBuildError:
+    except GuestBuildError as exc:
+        if os.environ.get("CCIDBRIDGE_ISOLATED") == "1":
+            raise GuestBuildError(
+                f"{exc}\nThe test namespace (.ci/isolated) has no network: build the guest "
+                "first with `.venv/bin/python -m ccidbridge.lab.guest` outside it."
+            ) from exc
         _run(["apt-get", "-q", "update"])
         _run(download + [_kernel_package()], cwd=tmp)
     debs = sorted(tmp.glob("linux-image-*.deb"))

@@ -17,7 +17,7 @@
  * Output lines (t = guest CLOCK_MONOTONIC in ms, i.e. time since boot):
  *   CCIDT start t=...
  *   CCIDT reader t=... name=<rest of line>
- *   CCIDT step n=<i> t=... <step text>
+ *   CCIDT step n=<i> <step text> t=...
  *   CCIDT state <flag|flag...> t=... count=<n> event=0x... [atr=<hex>]
  *   CCIDT atr <hex> t=...
  *   CCIDT connect rv=0x... proto=t0|t1|raw|none t=... ms=...
@@ -26,8 +26,8 @@
  *   CCIDT apdu <cmd> -> <resp or -> rv=0x... ms=... t=...
  *   CCIDT burst n=... ok=... fail=... min_ms=... avg_ms=... max_ms=... last=<resp> rv=0x... t=...
  *   CCIDT status rv=0x... state=0x... proto=... atr=<hex> t=...
- *   CCIDT mark <text>
- *   CCIDT error n=<i> t=... <message>
+ *   CCIDT mark <text> t=...
+ *   CCIDT error n=<i> <message> t=...
  *   CCIDT done rc=<0|1> t=...
  */
 #include <errno.h>
@@ -246,8 +246,8 @@ static int wait_for_state(enum want w, long timeout_ms)
 			return -1;
 		LONG rv = observe((long)left, atr, &atrlen);
 		if (rv != SCARD_S_SUCCESS && rv != SCARD_E_TIMEOUT) {
-			out("error n=%d t=%.1f SCardGetStatusChange rv=0x%08lx", g_step_index,
-			    now_ms(), (unsigned long)rv);
+			out("error n=%d SCardGetStatusChange rv=0x%08lx t=%.1f", g_step_index,
+			    (unsigned long)rv, now_ms());
 			sleep_ms(50);
 		}
 	}
@@ -368,7 +368,7 @@ static int do_apdu(const char *arg)
 	int n = unhex(arg, cmd, sizeof cmd);
 	LONG rv;
 	if (n < 1) {
-		out("error n=%d t=%.1f bad hex: %s", g_step_index, now_ms(), arg);
+		out("error n=%d bad hex: %s t=%.1f", g_step_index, arg, now_ms());
 		return -1;
 	}
 	if (!g_connected && do_connect(NULL) != 0)
@@ -393,7 +393,7 @@ static int do_burst(const char *arg)
 	LONG rv = SCARD_S_SUCCESS;
 	int n;
 	if (count < 1 || *colon != ':' || (n = unhex(colon + 1, cmd, sizeof cmd)) < 1) {
-		out("error n=%d t=%.1f bad burst: %s", g_step_index, now_ms(), arg);
+		out("error n=%d bad burst: %s t=%.1f", g_step_index, arg, now_ms());
 		return -1;
 	}
 	if (!g_connected && do_connect(NULL) != 0)
@@ -448,8 +448,8 @@ static int do_monitor(long ms)
 			return 0;
 		LONG rv = observe((long)left, NULL, NULL);
 		if (rv != SCARD_S_SUCCESS && rv != SCARD_E_TIMEOUT) {
-			out("error n=%d t=%.1f SCardGetStatusChange rv=0x%08lx", g_step_index,
-			    now_ms(), (unsigned long)rv);
+			out("error n=%d SCardGetStatusChange rv=0x%08lx t=%.1f", g_step_index,
+			    (unsigned long)rv, now_ms());
 			sleep_ms(100);
 		}
 	}
@@ -508,10 +508,10 @@ static int run_step(const char *name, const char *arg)
 		return 0;
 	}
 	if (!strcmp(name, "mark")) {
-		out("mark %s", arg ? arg : "");
+		out("mark %s t=%.1f", arg ? arg : "", now_ms());
 		return 0;
 	}
-	out("error n=%d t=%.1f unknown step: %s", g_step_index, now_ms(), name);
+	out("error n=%d unknown step: %s t=%.1f", g_step_index, name, now_ms());
 	return -1;
 }
 
@@ -551,7 +551,7 @@ int main(void)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	out("start t=%.1f", now_ms());
 	if (!script) {
-		out("error n=0 t=%.1f nothing to do: set steps=, apdus= or mode=monitor", now_ms());
+		out("error n=0 nothing to do: set steps=, apdus= or mode=monitor t=%.1f", now_ms());
 		out("done rc=1 t=%.1f", now_ms());
 		return 1;
 	}
@@ -578,9 +578,9 @@ int main(void)
 				loops_done = 0;
 			continue;
 		}
-		out("step n=%d t=%.1f %s", i, now_ms(), items[i]);
+		out("step n=%d %s t=%.1f", i, items[i], now_ms());
 		if (run_step(name, arg) != 0) {
-			out("error n=%d t=%.1f step failed: %s", i, now_ms(), items[i]);
+			out("error n=%d step failed: %s t=%.1f", i, items[i], now_ms());
 			rc = 1;
 			break;
 		}
