@@ -47,6 +47,8 @@ from ccidbridge.protocol.messages import (
 ATR = bytes.fromhex("3B8F8001804F0CA0000003060300030000000068")
 SELECT = "00A4040007A0000000030000"
 CHALLENGE = "0084000008"
+#: Extended-length case 3: 7-byte header + 1000 data bytes.
+UPDATE_1000 = "00D6000000" + "03E8" + "A5" * 1000
 
 
 class VSCardPeer:
@@ -182,9 +184,14 @@ def test_build_is_cached(guest_image: GuestImage) -> None:
 
 @pytest.mark.guest
 def test_guest_apdu_mode(start_guest: Callable[..., GuestHandle], sock_path: str) -> None:
-    """apdus= mode: reader, ATR, APDUs reach the peer, responses reach the guest."""
-    guest = start_guest(passthru_args(sock_path), apdus=[SELECT, CHALLENGE],
+    """apdus= mode: reader, ATR, APDUs reach the peer, responses reach the guest.
+
+    The 1007-byte extended UPDATE BINARY makes the APDU list too long for the
+    kernel command line, so it also exercises the initrd overlay.
+    """
+    guest = start_guest(passthru_args(sock_path), apdus=[SELECT, CHALLENGE, UPDATE_1000],
                         params={"repeat": 2}, timeout=40)
+    assert "apdus=" not in " ".join(guest.argv)  # went through the overlay
     peer = VSCardPeer(sock_path, _respond)
     peer.insert()
     run = guest.result()
@@ -193,7 +200,7 @@ def test_guest_apdu_mode(start_guest: Callable[..., GuestHandle], sock_path: str
     run.check()
     assert run.reader and "433" in run.reader
     assert run.atr == ATR
-    commands = [bytes.fromhex(c) for c in (SELECT, CHALLENGE)] * 2
+    commands = [bytes.fromhex(c) for c in (SELECT, CHALLENGE, UPDATE_1000)] * 2
     assert [a.command for a in run.apdus] == commands
     assert [apdu for _, apdu in peer.apdus] == commands
     assert all(a.rv == 0 for a in run.apdus)
@@ -205,17 +212,23 @@ def test_guest_remove_and_insert(start_guest: Callable[..., GuestHandle], sock_p
     """steps= mode: CardRemove is seen as removal, a new ATR as insertion; reconnect works."""
     steps = ",".join([
         "wait-card", f"apdu:{CHALLENGE}", "wait-remove:10000", f"apdu:{CHALLENGE}",
-        "wait-insert:10000", "reconnect", f"apdu:{SELECT}", "status", "mark:end",
+        "wait-insert:10000", "reconnect", f"apdu:{SELECT}", f"burst:50:{CHALLENGE}", "status",
+        "mark:end",
     ])
     guest = start_guest(passthru_args(sock_path), steps, timeout=40, pcscd_log=1)
     peer = VSCardPeer(sock_path, _respond)
     peer.insert()
     guest.wait_for("step n=2 wait-remove", timeout=30)
+    removed_at = time.monotonic() - guest.started
     peer.remove()
-    guest.wait_for("state empty", timeout=10)
+    empty = guest.wait_for("state empty", timeout=10)
     guest.wait_for("step n=4 wait-insert", timeout=10)
+    inserted_at = time.monotonic() - guest.started
     peer.reinsert()
+    present = guest.wait_for("state present", timeout=10)
     guest.wait_for("mark end", timeout=10)
+    print(f"\n[remove/insert] CardRemove -> guest EMPTY {empty.host_t - removed_at:.3f}s, "
+          f"ATR -> guest PRESENT {present.host_t - inserted_at:.3f}s")
     run = guest.result()
     peer.close()
     _report("remove/insert", run, guest, peer)
@@ -229,7 +242,14 @@ def test_guest_remove_and_insert(start_guest: Callable[..., GuestHandle], sock_p
     assert len(run.atrs) == 2 and set(run.atrs) == {ATR}
     log = "\n".join(run.pcscd_log)
     assert "Card Removed" in log and "Card inserted" in log
-    assert [apdu for _, apdu in peer.apdus] == [bytes.fromhex(CHALLENGE), bytes.fromhex(SELECT)]
+    burst = run.of_kind("burst")[0].fields
+    assert burst["ok"] == "50" and burst["last"] == _respond(bytes.fromhex(CHALLENGE)).hex()
+    print(f"[remove/insert] guest SCardTransmit over the peer: avg {burst['avg_ms']} ms, "
+          f"max {burst['max_ms']} ms")
+    status = run.of_kind("status")[0].fields
+    assert status["rv"] == "0x00000000" and status["atr"] == ATR.hex()
+    sent = [bytes.fromhex(CHALLENGE), bytes.fromhex(SELECT)] + [bytes.fromhex(CHALLENGE)] * 50
+    assert [apdu for _, apdu in peer.apdus] == sent
 
 
 @pytest.mark.guest

@@ -17,12 +17,15 @@ import contextlib
 import os
 import re
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ccidbridge.lab.guest.build import GuestImage
+from ccidbridge.lab.guest.cpio import CpioWriter
 
 QEMU = os.environ.get("CCIDBRIDGE_QEMU", "qemu-system-x86_64")
 PREFIX = "CCIDT "
@@ -39,6 +42,10 @@ class GuestError(RuntimeError):
 
 class GuestTimeout(GuestError, TimeoutError):
     """A ``wait_for`` or the whole run ran out of time."""
+
+
+class CommandLineTooLong(ValueError):
+    """The kernel command line would exceed :data:`COMMAND_LINE_MAX`."""
 
 
 @dataclass(frozen=True)
@@ -274,12 +281,29 @@ def kernel_append(
         words.append(f"{name}={value}")
     line = " ".join(words)
     if len(line) > COMMAND_LINE_MAX:
-        raise ValueError(f"kernel command line too long ({len(line)} > {COMMAND_LINE_MAX})")
+        raise CommandLineTooLong(f"kernel command line too long ({len(line)} > {COMMAND_LINE_MAX})")
     return line
 
 
+def overlay_initrd(image: GuestImage, env: Mapping[str, str], directory: Path) -> Path:
+    """A copy of the image's initrd with ``/ccidt/env/<name>`` files appended.
+
+    For values too long for the kernel command line (long step scripts, big
+    APDUs): /init exports every such file as an environment variable.  The
+    kernel unpacks concatenated archives, compressed or not; the appended
+    uncompressed cpio must start on a 4-byte boundary, hence the zero padding.
+    """
+    cpio = CpioWriter()
+    for name, value in env.items():
+        cpio.file(f"ccidt/env/{name}", value.encode())
+    base = image.initrd.read_bytes()
+    path = directory / "initrd-overlay.gz"
+    path.write_bytes(base + b"\0" * (-len(base) % 4) + cpio.getvalue())
+    return path
+
+
 def qemu_argv(image: GuestImage, device_args: Sequence[str], append: str,
-              qemu: str = QEMU) -> list[str]:
+              qemu: str = QEMU, initrd: Path | None = None) -> list[str]:
     """The full QEMU command line.
 
     Pitfalls: ``-cpu max`` gives the TCG guest RDRAND (otherwise pcscd blocks
@@ -290,7 +314,7 @@ def qemu_argv(image: GuestImage, device_args: Sequence[str], append: str,
     return [
         qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "512", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
-        "-kernel", str(image.vmlinux), "-initrd", str(image.initrd), "-append", append,
+        "-kernel", str(image.vmlinux), "-initrd", str(initrd or image.initrd), "-append", append,
         "-device", "qemu-xhci,id=usb", *device_args,
     ]
 
@@ -301,8 +325,10 @@ Predicate = Callable[[Record], bool]
 class GuestHandle:
     """A running guest.  Use as a context manager (leaving it kills QEMU)."""
 
-    def __init__(self, argv: list[str], timeout: float, env: Mapping[str, str] | None = None):
+    def __init__(self, argv: list[str], timeout: float, env: Mapping[str, str] | None = None,
+                 scratch: tempfile.TemporaryDirectory[str] | None = None):
         self.argv = argv
+        self._scratch = scratch
         self.lines: list[str] = []
         self.records: list[Record] = []
         self._stderr: list[str] = []
@@ -391,6 +417,8 @@ class GuestHandle:
             self.proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
+        if self._scratch is not None and self.proc.returncode is not None:
+            self._scratch.cleanup()
 
     def result(self, timeout: float | None = None) -> GuestRun:
         """Wait for QEMU to exit (at most until the run's deadline) and parse the run."""
@@ -403,6 +431,8 @@ class GuestHandle:
         self._watchdog.cancel()
         for thread in self._threads:
             thread.join(timeout=5)
+        if self._scratch is not None:
+            self._scratch.cleanup()
         with self._cond:
             return GuestRun(
                 lines=list(self.lines),
@@ -447,9 +477,20 @@ def start_guest(
     ``usb`` is always added.  The guest powers off ``2 s`` before ``timeout``;
     QEMU is killed at ``timeout``.
     """
-    append = kernel_append(steps, apdus=apdus, pcscd_log=pcscd_log,
-                           guest_timeout=max(1.0, timeout - 2.0), params=params)
-    return GuestHandle(qemu_argv(image, device_args, append, qemu), timeout, env)
+    guest_timeout = max(1.0, timeout - 2.0)
+    try:
+        append = kernel_append(steps, apdus=apdus, pcscd_log=pcscd_log,
+                               guest_timeout=guest_timeout, params=params)
+        initrd, scratch = None, None
+    except CommandLineTooLong:
+        # Too long for the command line: steps/apdus travel in an initrd overlay.
+        long_values = {"steps": steps, "apdus": ",".join(apdus) if apdus is not None else None}
+        append = kernel_append(None, pcscd_log=pcscd_log, guest_timeout=guest_timeout,
+                               params=params)
+        scratch = tempfile.TemporaryDirectory(prefix="ccidt-guest-")
+        initrd = overlay_initrd(image, {k: v for k, v in long_values.items() if v},
+                                Path(scratch.name))
+    return GuestHandle(qemu_argv(image, device_args, append, qemu, initrd), timeout, env, scratch)
 
 
 def boot_guest(

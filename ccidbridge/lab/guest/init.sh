@@ -17,6 +17,11 @@ mount -t sysfs sysfs /sys
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 
+# Values too long for the kernel command line come as files (boot.py's overlay).
+for f in /ccidt/env/*; do
+    [ -f "$f" ] && export "${f##*/}=$(cat "$f")"
+done
+
 up() { cut -d' ' -f1 /proc/uptime; }
 say() { echo "CCIDT init $* t=$(up)"; }
 
