@@ -81,12 +81,13 @@ def test_layout_ports_and_names() -> None:
     ]
 
 
-def test_readers_listed(pcsc_stack: PcscStack) -> None:
+def test_readers_listed(pcsc_stack: PcscStack, record_property) -> None:  # noqa: ANN001
     assert pcsc_stack.running
     assert list_readers() == pcsc_stack.readers
     # the high-level API agrees
     assert [str(r) for r in system_readers()] == pcsc_stack.readers
     assert pcsc_stack.start_seconds is not None and pcsc_stack.start_seconds < 2.0
+    record_property("pcscd_start_s", round(pcsc_stack.start_seconds, 4))
     assert "daemon ready" in pcsc_stack.log_path.read_text()
 
 

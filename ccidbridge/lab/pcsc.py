@@ -62,6 +62,17 @@ def require_isolated() -> None:
             "/run/pcscd/pcscd.comm and would clash with the machine's own pcscd. "
             "Run under .ci/isolated (which sets CCIDBRIDGE_ISOLATED=1)."
         )
+    # Belt and braces: the variable could leak into a non-isolated shell.
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            private_run = any(" /run " in line and "ccidbridge-run" in line for line in f)
+    except OSError:
+        private_run = False
+    if not private_run:
+        raise LabError(
+            "CCIDBRIDGE_ISOLATED=1 but /run is not .ci/isolated's private tmpfs; "
+            "refusing to start pcscd"
+        )
 
 
 @dataclass(frozen=True)
@@ -248,18 +259,29 @@ class PcscStack:
         self.debug = debug
         self.start_timeout = start_timeout
         self._own_tmp: tempfile.TemporaryDirectory[str] | None = None
-        if workdir is None:
-            self._own_tmp = tempfile.TemporaryDirectory(prefix="ccidbridge-pcsc-")
-            workdir = self._own_tmp.name
-        self.workdir = Path(workdir)
-        self.confdir = self.workdir / "reader.conf.d"
-        self.log_path = self.workdir / "pcscd.log"
+        self._workdir = Path(workdir) if workdir is not None else None
         self.slots: list[ReaderSlot] = layout(n_entries, base_port)
         self.proc: subprocess.Popen[bytes] | None = None
         #: seconds from exec to all readers listed, for the last start
         self.start_seconds: float | None = None
         self._claimed: set[str] = set()
         self._lock = threading.Lock()
+
+    @property
+    def workdir(self) -> Path:
+        """Config, driver copies and logs; a temp dir (made on first use) unless given."""
+        if self._workdir is None:
+            self._own_tmp = tempfile.TemporaryDirectory(prefix="ccidbridge-pcsc-")
+            self._workdir = Path(self._own_tmp.name)
+        return self._workdir
+
+    @property
+    def confdir(self) -> Path:
+        return self.workdir / "reader.conf.d"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "pcscd.log"
 
     # -- reader bookkeeping -------------------------------------------------
     @property
@@ -403,6 +425,7 @@ class PcscStack:
         if self._own_tmp is not None:
             self._own_tmp.cleanup()
             self._own_tmp = None
+            self._workdir = None
 
     def __enter__(self) -> PcscStack:
         return self.start()

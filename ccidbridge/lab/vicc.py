@@ -48,7 +48,7 @@ class ViccProcess:
         self.port = self.slot.port
         self.card_type = card_type
         self.verbose = verbose
-        self.log_path = Path(log_path) if log_path else stack.workdir / f"vicc-{self.port}.log"
+        self._log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen[bytes] | None = None
         #: seconds from exec to PRESENT for the last start
         self.start_seconds: float | None = None
@@ -58,6 +58,10 @@ class ViccProcess:
         a = [SYSTEM_PYTHON, str(WRAPPER), "-t", self.card_type, "-H", "127.0.0.1",
              "-P", str(self.port)]  # fmt: skip
         return a + (["-v"] if self.verbose else [])
+
+    @property
+    def log_path(self) -> Path:
+        return self._log_path or self.stack.workdir / f"vicc-{self.port}.log"
 
     @property
     def pid(self) -> int | None:
