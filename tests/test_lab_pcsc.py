@@ -280,3 +280,14 @@ def test_pcscd_restart(pcsc_stack: PcscStack, test_card) -> None:  # noqa: ANN00
     with Conn(card.reader) as c:
         assert c.ok("0084000002")[-2:] == b"\x90\x00"
     assert os.path.exists("/run/pcscd/pcscd.comm")
+
+
+def test_more_readers_on_demand(pcsc_stack: PcscStack, test_card) -> None:  # noqa: ANN001
+    """ensure_slots() grows the stack (pcscd restart); the new entry's slots work."""
+    pcsc_stack.ensure_slots(6)
+    assert len(pcsc_stack.slots) >= 6
+    assert list_readers() == pcsc_stack.readers
+    card = test_card("t1", reader="Virtual PCD C 00 01", process=False)
+    assert card.port == 35968
+    with Conn(card.reader) as c:
+        assert c.ok("80120000") == b"\x00\x00"

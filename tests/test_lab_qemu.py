@@ -61,3 +61,18 @@ def test_qemu_debug_and_kill(qemu_passthru) -> None:  # noqa: ANN001
     q.kill()
     assert q.pid is None
     assert "CHR_EVENT_OPENED" in q.stdout()  # QEMU_CCID_PASSTHRU_DEBUG=4 output
+
+
+def test_qemu_accepts_card_atr_presets(qemu_passthru) -> None:  # noqa: ANN001
+    """Every ATR preset of our test card passes QEMU 7.2's (buggy) check_atr."""
+    import struct
+
+    from ccidbridge.lab.vpcd_card import ATR_PRESETS
+
+    q: QemuPassthru = qemu_passthru("tcp")
+    with q.connect() as s:
+        s.settimeout(5)
+        for name, atr in ATR_PRESETS.items():
+            s.sendall(struct.pack(">III", 5, 0, len(atr)) + atr)
+            reply = _recv_exact(s, 16)
+            assert reply == bytes.fromhex("00000002 00000000 00000004 00000000"), name

@@ -27,7 +27,8 @@ VERIFY   20    PIN "1234" → 9000 (retries reset to 3); wrong → 63Cx, then
 80 10 ECHO     P1P2 = N ≠ 0 → N pattern bytes (any length, e.g. 4096, even for
                a short APDU); else data → the data; else Le pattern bytes.
 80 12 SW       returns Le pattern bytes (if Le) + SW1 SW2 = P1 P2.
-80 14 COUNT    4-byte big-endian count of APDUs since power-on + 9000.
+80 14 COUNT    4-byte big-endian count of APDUs since power-on (this one
+               included) + 9000.
 other          6D00 (and 6E00 for CLA FF).
 =============  ===============================================================
 
