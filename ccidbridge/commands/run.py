@@ -1,0 +1,59 @@
+"""``ccidbridge run CONFIG...``: serve every passthrough smartcard in the configs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="serve the passthrough smartcards of one or more configs",
+        description="Serve every passthrough smartcard in the given config files until "
+        "SIGINT/SIGTERM.  -v logs every APDU (length, status word, round-trip time; "
+        "never PIN data), -vv also the data of non-PIN commands.",
+    )
+    p.add_argument("configs", nargs="+", metavar="CONFIG")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.set_defaults(func=run)
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("ccidbridge").setLevel(level)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ccidbridge.config import ConfigError, load
+    from ccidbridge.runtime.service import Service
+
+    setup_logging(args.verbose, args.quiet)
+    cards = []
+    for path in args.configs:
+        try:
+            config = load(path)
+        except ConfigError as exc:
+            print(f"ccidbridge: {exc}", file=sys.stderr)
+            return 2
+        for label, reason in config.unserved():
+            logging.getLogger("ccidbridge").warning("not serving %s: %s", label, reason)
+        cards += config.served_cards()
+    if not cards:
+        where = ", ".join(args.configs)
+        print(
+            f"ccidbridge: nothing to serve in {where}: "
+            "no passthrough smartcard on a tcp or unix socket",
+            file=sys.stderr,
+        )
+        return 2
+    trace = 0 if args.quiet else min(args.verbose, 2)
+    return asyncio.run(Service(cards, trace=trace).run())

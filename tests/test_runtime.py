@@ -1,0 +1,195 @@
+"""The runtime over real sockets: against the QEMU-twin peer and real QEMU 7.2.
+
+The card here is the instant card (no pcscd); test_bridge_pcsc.py puts real
+pcscd + vpcd cards behind the bridge.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+
+import pytest
+
+from ccidbridge.card.instant import DEFAULT_ATR, InstantCard
+from ccidbridge.config.model import Endpoint
+from ccidbridge.lab.device_peer import DevicePeer
+from ccidbridge.lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint
+from ccidbridge.protocol.device import Outcome
+from tests.bridgeharness import RunningBridge, served_card
+
+
+def reversing_card() -> InstantCard:
+    return InstantCard(respond=lambda apdu: apdu[::-1] + b"\x90\x00")
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+@pytest.mark.parametrize("bridge_listens", [False, True], ids=["bridge-connects", "bridge-listens"])
+def test_relay_against_the_device_peer(tmp_path, kind: str, bridge_listens: bool) -> None:
+    path = str(tmp_path / "vsc.sock")
+    if bridge_listens:
+        # The bridge listens first; the peer plays QEMU with reconnect=.
+        endpoint = (
+            Endpoint("unix", True, path=path)
+            if kind == "unix"
+            else Endpoint("tcp", True, host="127.0.0.1", port=_free_port())
+        )
+        bridge = RunningBridge(served_card(endpoint), reversing_card())
+        peer = DevicePeer(kind, listen=False, path=path, port=endpoint.port or 0)
+    else:
+        peer = DevicePeer(kind, listen=True, path=path)
+        bridge = RunningBridge(served_card(peer.endpoint), reversing_card())
+    with peer, bridge:
+        peer.wait_card(True)
+        assert peer.device.atr == DEFAULT_ATR
+        for apdu in (b"\x00\xa4\x04\x00\x02\x3f\x00", b"\x00\x84\x00\x00\x08", bytes(300)):
+            answer = peer.guest(apdu)
+            assert answer.outcome is Outcome.RESPONSE
+            assert answer.data == apdu[::-1] + b"\x90\x00"
+        if kind == "unix" and bridge_listens:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_second_connection_is_refused_and_the_first_keeps_working(tmp_path) -> None:
+    path = str(tmp_path / "vsc.sock")
+    bridge = RunningBridge(served_card(Endpoint("unix", True, path=path)), reversing_card())
+    with bridge, DevicePeer("unix", listen=False, path=path) as peer:
+        peer.wait_card(True)
+        intruder = socket.socket(socket.AF_UNIX)
+        intruder.connect(path)
+        intruder.settimeout(2)
+        assert intruder.recv(100) == b""  # closed at once, nothing said
+        intruder.close()
+        bridge.wait_log("refused a second connection")
+        assert peer.guest(b"\x00\xb0\x00\x00\x04").outcome is Outcome.RESPONSE
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        bytes.fromhex("00000063000000000000000201 02".replace(" ", "")),  # unknown type
+        bytes.fromhex("000000070000000000100001"),  # over 64 KiB
+        bytes.fromhex("00000006000000000000000401020304"),  # CardRemove from QEMU
+        b"GET / HTTP/1.1\r\n\r\n",
+    ],
+    ids=["unknown-type", "oversized", "wrong-direction", "http"],
+)
+def test_garbage_peer_loses_its_connection_and_the_next_peer_is_served(tmp_path, garbage) -> None:
+    path = str(tmp_path / "vsc.sock")
+    with RunningBridge(served_card(Endpoint("unix", True, path=path)), reversing_card()) as bridge:
+        bridge.wait_log("listening on")
+        bad = socket.socket(socket.AF_UNIX)
+        bad.connect(path)
+        bad.settimeout(3)
+        bad.sendall(garbage)
+        received = b""
+        while True:  # the bridge's handshake, then the close
+            chunk = bad.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        bad.close()
+        line = bridge.wait_log("dropping the connection")
+        assert "Traceback" not in bridge.text() and len(line.splitlines()) == 1
+        with DevicePeer("unix", listen=False, path=path) as peer:
+            peer.wait_card(True)
+            assert peer.guest(b"\x00\xa4\x00\x00").outcome is Outcome.RESPONSE
+
+
+def test_truncated_frame_then_close_is_survived(tmp_path) -> None:
+    path = str(tmp_path / "vsc.sock")
+    with RunningBridge(served_card(Endpoint("unix", True, path=path)), reversing_card()) as b:
+        b.wait_log("listening on")
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.sendall(b"\x00\x00\x00\x07\x00\x00")
+        s.close()
+        with DevicePeer("unix", listen=False, path=path) as peer:
+            peer.wait_card(True)
+            assert peer.guest(b"\x00\xa4\x00\x00").outcome is Outcome.RESPONSE
+
+
+def test_stale_socket_file_is_replaced_but_a_regular_file_is_not(tmp_path) -> None:
+    path = tmp_path / "vsc.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on
+    with RunningBridge(served_card(Endpoint("unix", True, path=str(path))), reversing_card()) as b:
+        b.wait_log("listening on")
+    precious = tmp_path / "notes.txt"
+    precious.write_text("mine")
+    with RunningBridge(
+        served_card(Endpoint("unix", True, path=str(precious))), reversing_card()
+    ) as b:
+        b.thread.join(5)
+        assert not b.thread.is_alive()
+        assert "is not a socket" in str(b._task.exception())
+    assert precious.read_text() == "mine"
+
+
+# -- real QEMU 7.2 -------------------------------------------------------------------
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_handshake_acked_by_real_qemu_bridge_connecting(qemu_passthru, kind: str) -> None:
+    qemu: QemuPassthru = qemu_passthru(kind, debug=True)
+    with RunningBridge(served_card(_bridge_side(qemu.endpoint, listens=False)), InstantCard()) as b:
+        b.wait_synced()
+        b.wait_log("AtrAccepted")
+    out = qemu.stdout()
+    assert "VSC_ATR" in out or "ATR" in out
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_handshake_acked_by_real_qemu_connecting_to_the_bridge(
+    qemu_passthru, tmp_path, kind: str
+) -> None:
+    ep = UnixEndpoint(str(tmp_path / "b.sock")) if kind == "unix" else TcpEndpoint(_free_port())
+    with RunningBridge(served_card(_bridge_side(ep, listens=True)), InstantCard()) as b:
+        b.wait_log("listening on")
+        qemu_passthru(kind, server=False, endpoints=[ep])
+        b.wait_synced(10)
+        if kind == "unix":
+            assert stat.S_IMODE(os.stat(ep.path).st_mode) == 0o600
+
+
+@pytest.mark.qemu
+def test_qemu_killed_and_restarted_bridge_resyncs_within_a_second(qemu_passthru) -> None:
+    first: QemuPassthru = qemu_passthru("tcp")
+    ep = first.endpoint
+    with RunningBridge(served_card(_bridge_side(ep, listens=False)), InstantCard()) as b:
+        b.wait_synced()
+        first.kill()
+        b.wait(lambda br: not br.connected.is_set())
+        time.sleep(1.5)  # the bridge is now in its capped backoff
+        second = qemu_passthru("tcp", endpoints=[ep])  # returns once QEMU listens
+        took = b.wait_synced(5)
+        assert took < 1.0, f"resync took {took:.2f}s after QEMU listened again"
+        assert second.pid
+
+
+@pytest.mark.qemu
+def test_bridge_killed_and_restarted_resyncs(qemu_passthru) -> None:
+    qemu: QemuPassthru = qemu_passthru("unix")
+    ep = _bridge_side(qemu.endpoint, listens=False)
+    first = RunningBridge(served_card(ep), InstantCard())
+    first.wait_synced()
+    first.stop(graceful=False)  # vanishes without a word, like kill -9
+    with RunningBridge(served_card(ep), InstantCard()) as second:
+        second.wait_synced()
+
+
+def _bridge_side(ep: TcpEndpoint | UnixEndpoint, listens: bool) -> Endpoint:
+    if isinstance(ep, UnixEndpoint):
+        return Endpoint("unix", listens, path=ep.path)
+    return Endpoint("tcp", listens, host=ep.host, port=ep.port)
