@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import statistics
 import threading
 import time
@@ -258,6 +259,16 @@ def test_slots_are_independent(test_card, pcsc_stack: PcscStack) -> None:  # noq
     cards = [test_card(bytes([0x3B, 0x01, i]), process=False) for i in range(len(pcsc_stack.slots))]
     for i, card in enumerate(cards):
         assert wait_card_state(card.reader, True, 2).atr == bytes([0x3B, 0x01, i])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_pcscd_restart_reinserts(pcsc_stack: PcscStack, test_card, sig: int) -> None:  # noqa: ANN001
+    card = test_card("t1", process=False)
+    with Conn(card.reader) as c:
+        c.ok("0084000001")
+    pcsc_stack.restart(reinsert=True, sig=sig)
+    with Conn(card.reader) as c:
+        assert c.ok("8014000004") == b"\x00\x00\x00\x01\x90\x00"  # a fresh card
 
 
 def test_pcscd_restart(pcsc_stack: PcscStack, test_card) -> None:  # noqa: ANN001

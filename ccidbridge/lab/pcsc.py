@@ -265,6 +265,7 @@ class PcscStack:
         #: seconds from exec to all readers listed, for the last start
         self.start_seconds: float | None = None
         self._claimed: set[str] = set()
+        self._cards: list[InsertedCard] = []
         self._lock = threading.Lock()
 
     @property
@@ -378,40 +379,65 @@ class PcscStack:
                 )
             time.sleep(0.002)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM pcscd by pid and reap it (SIGKILL if it lingers)."""
+    def stop(self, timeout: float = 5.0, sig: int = signal.SIGTERM) -> None:
+        """Signal pcscd by pid (SIGTERM: it exits in ~2 ms) and reap it; SIGKILL if it lingers.
+
+        ``sig=SIGKILL`` simulates a pcscd crash: socket and pid file stay
+        behind, which the next start tolerates (notes §1).
+        """
         proc, self.proc = self.proc, None
         if proc is None:
             return
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
 
-    def restart(self) -> None:
-        """Stop and start pcscd with the same config.
+    def kill(self, timeout: float = 5.0) -> None:
+        """SIGKILL pcscd (a crash, as far as its clients can tell) and reap it."""
+        self.stop(timeout, signal.SIGKILL)
+
+    def restart(self, *, reinsert: bool = False, sig: int = signal.SIGTERM) -> None:
+        """Stop (with ``sig``) and start pcscd with the same config.
 
         Every PC/SC context from before is dead afterwards (SCARD_E_NO_SERVICE
         even though SCardIsValidContext says OK, notes §1), and every card has
-        been disconnected: restart the cards too.
+        been disconnected (vpcd's sockets close with pcscd; our card process
+        exits on EOF, like vicc).  ``reinsert=True`` restarts every card that
+        :meth:`insert_card` made and waits until each is PRESENT again;
+        otherwise call ``card.restart()`` yourself.
         """
-        self.stop()
+        cards = [c for c in self._cards if c.card is not None] if reinsert else []
+        self.stop(sig=sig)
+        for c in cards:
+            c.remove(wait=False)
         self.start()
+        for c in cards:
+            c.insert()
 
     def ensure_slots(self, n_slots: int) -> None:
-        """Grow to at least ``n_slots`` slots (restarts pcscd if it must grow)."""
+        """Grow to at least ``n_slots`` slots.
+
+        Restarts pcscd if it must grow (new entries need a restart; ``pcscd -H``
+        does not rescan reader.conf.d, notes §1) and re-inserts our cards.
+        """
         need = -(-n_slots // SLOTS_PER_ENTRY)
         if need <= self.n_entries:
             return
         was_running = self.running
+        cards = [c for c in self._cards if c.card is not None]
         self.stop()
+        for c in cards:
+            c.remove(wait=False)
         self.n_entries = need
         self.slots = layout(need, self.base_port)
         if was_running:
             self.start()
+            for c in cards:  # existing slots keep their names and ports
+                c.insert()
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -472,7 +498,15 @@ class PcscStack:
         except BaseException:
             card.close()
             raise
+        with self._lock:
+            self._cards.append(card)
         return card
+
+    def _forget(self, card: InsertedCard) -> None:
+        with self._lock:
+            self._claimed.discard(card.reader)
+            if card in self._cards:
+                self._cards.remove(card)
 
 
 class InsertedCard:
@@ -593,7 +627,7 @@ class InsertedCard:
         except (TimeoutError, LabError):
             pass
         finally:
-            self.stack.release_slot(self.reader)
+            self.stack._forget(self)
 
     def __enter__(self) -> InsertedCard:
         return self
