@@ -1,0 +1,58 @@
+"""``ccidbridge check CONFIG``: validate, then say what ``run`` would serve and why not."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ccidbridge.config import ConfigError, load
+from ccidbridge.config.model import ReaderSpec
+from ccidbridge.config.serving import notes
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "check", help="validate a config and show what `run` would serve",
+        description="Validate CONFIG (schema + libvirt 9.0's rules) and list which cards "
+        "`ccidbridge run` would serve, and which it would not, with the reason.",
+    )
+    parser.add_argument("config", metavar="CONFIG")
+    parser.set_defaults(func=run)
+
+
+def describe_reader(reader: ReaderSpec) -> str:
+    if reader.name is not None:
+        which = f"reader '{reader.name}'"
+    elif reader.match is not None:
+        which = f"the first reader matching '{reader.match}'"
+    else:
+        which = "the first reader with a card"
+    extra = [reader.share.value, f"protocol {reader.protocol.value}",
+             f"APDU timeout {reader.apdu_timeout:g} s"]
+    if reader.atr is not None:
+        extra.append(f"ATR {reader.atr.hex(' ').upper()}"
+                     + (f" mask {reader.atr_mask.hex(' ').upper()}" if reader.atr_mask else ""))
+    if not reader.rewrite_atr:
+        extra.append("ATR passed unchanged")
+    return f"{which} ({', '.join(extra)})"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"ccidbridge: {exc}", file=sys.stderr)
+        return 2
+    served = config.served_cards()
+    unserved = config.unserved()
+    print(f"{config.path}: valid")
+    print(f"run would serve {len(served)} card(s):")
+    for card in served:
+        print(f"  {card.label}: {card.endpoint.describe()} <- {describe_reader(card.reader)}")
+    if unserved:
+        print(f"run would not serve {len(unserved)} device(s):")
+        for label, reason in unserved:
+            print(f"  {label}: {reason}")
+    for note in notes(config):
+        print(f"note: {note}")
+    return 0

@@ -1,0 +1,33 @@
+"""``ccidbridge libvirt CONFIG``: the devices to paste into a libvirt domain."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ccidbridge.commands.qemu_argv import add_version_option, version_of
+from ccidbridge.config import ConfigError, load
+from ccidbridge.config.layout import layout
+from ccidbridge.config.libvirt_xml import render
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "libvirt", help="print the devices to paste into a libvirt domain",
+        description="Print CONFIG's ccid controller(s), smartcard(s) and channel(s) as "
+        "libvirt 9.0 normalizes them (what `virsh dumpxml --inactive` shows), ready for the "
+        "domain's <devices>.  Cards beyond the first come as a <qemu:commandline>.",
+    )
+    parser.add_argument("config", metavar="CONFIG")
+    add_version_option(parser, "for the extra cards' <qemu:commandline> (reconnect syntax)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"ccidbridge: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(layout(config.devices), version_of(args)))
+    return 0

@@ -1,0 +1,562 @@
+"""From a ``<ccidbridge>`` element tree to the frozen model, with libvirt 9.0's checks.
+
+Each check names the libvirt rule it mirrors (domain_conf.c's parser, the QEMU
+driver's validator qemu_validate.c, or domaincommon.rng) and reports
+``FILE:LINE: what is wrong, what is allowed``.  Where libvirt accepts something
+that cannot work (a relative unix socket path, an out-of-range port), the check
+is stricter and says why.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import socket
+from collections.abc import Iterable, Iterator
+
+from lxml import etree
+
+from ccidbridge.config.errors import ConfigError
+from ccidbridge.config.model import (
+    SMARTCARD_MODES,
+    SPICE_AGENT_NAME,
+    TCP_PROTOCOLS,
+    CcidAddress,
+    CcidController,
+    Chardev,
+    CharSource,
+    Devices,
+    Protocol,
+    ReaderSpec,
+    Reconnect,
+    Share,
+    Smartcard,
+    SpiceChannel,
+    UsbAddress,
+    VirtioSerialAddress,
+)
+
+# libvirt 9.0 qemucdevSrcTypeChoice: every chardev type the domain schema accepts.
+LIBVIRT_CHARDEV_TYPES = (
+    "dev", "file", "pipe", "unix", "tcp", "udp", "null", "stdio", "vc", "pty",
+    "spicevmc", "spiceport", "nmdm", "qemu-vdagent", "dbus",
+)
+# The ones ccidbridge renders (nmdm is FreeBSD-only; qemu-vdagent and dbus carry no VSCard).
+CHARDEV_TYPES = (
+    "tcp", "unix", "udp", "pty", "file", "pipe", "dev", "null", "vc", "stdio",
+    "spicevmc", "spiceport",
+)
+# Which <source> attributes each chardev type reads (domain_conf.c virDomainChrSourceDefParseXML).
+_SOURCE_ATTRS = {
+    "tcp": ("mode", "host", "service", "tls"),
+    "unix": ("mode", "path"),
+    "udp": ("mode", "host", "service"),
+    "file": ("path", "append"),
+    "pipe": ("path",),
+    "dev": ("path",),
+    "spiceport": ("channel",),
+}
+_UINT = re.compile(r"[0-9]+")
+_CCID_NUMBER = re.compile(r"[0-9]{1,2}")  # domaincommon.rng ccidaddress
+_USB_PORT = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){0,4}")  # domaincommon.rng usbPort
+_HEX = re.compile(r"[0-9a-fA-F]*")
+
+
+class _Reader:
+    """Element helpers that raise ConfigError with the element's line."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, node: etree._Element, message: str) -> ConfigError:
+        return ConfigError(self.path, node.sourceline, message)
+
+    def fail_at(self, line: int, message: str) -> ConfigError:
+        return ConfigError(self.path, line or None, message)
+
+    def attrs(self, node: etree._Element, allowed: Iterable[str]) -> dict[str, str]:
+        allowed = tuple(allowed)
+        for name in node.attrib:
+            if name not in allowed:
+                what = ", ".join(allowed) if allowed else "none"
+                raise self.fail(
+                    node, f"<{node.tag}> has no attribute '{name}' here; allowed: {what}"
+                )
+        return dict(node.attrib)
+
+    def children(
+        self, node: etree._Element, allowed: Iterable[str], text: bool = False
+    ) -> Iterator[etree._Element]:
+        allowed = tuple(allowed)
+        if not text and (node.text or "").strip():
+            raise self.fail(node, f"<{node.tag}> holds text {node.text.strip()!r}; "
+                            "it takes only attributes and child elements")
+        for child in node:
+            if not isinstance(child.tag, str):  # comment or processing instruction
+                continue
+            if child.tag not in allowed:
+                what = ", ".join(f"<{a}>" for a in allowed) if allowed else "no child elements"
+                raise self.fail(child, f"unexpected <{child.tag}> inside <{node.tag}>; "
+                                f"allowed: {what}")
+            if not text and (child.tail or "").strip():
+                raise self.fail(child, f"stray text {child.tail.strip()!r} after <{child.tag}>")
+            yield child
+
+    def choice(self, node: etree._Element, name: str, allowed: Iterable[str],
+               default: str | None = None, libvirt: str = "") -> str | None:
+        value = node.get(name)
+        if value is None:
+            return default
+        allowed = tuple(allowed)
+        if value not in allowed:
+            raise self.fail(node, f"<{node.tag} {name}='{value}'> is not valid; allowed: "
+                            + "|".join(allowed) + (f" ({libvirt})" if libvirt else ""))
+        return value
+
+    def yes_no(self, node: etree._Element, name: str, yes: str = "yes",
+               no: str = "no") -> bool | None:
+        value = self.choice(node, name, (yes, no))
+        return None if value is None else value == yes
+
+    def uint(self, node: etree._Element, name: str, pattern: re.Pattern[str] = _UINT,
+             what: str = "an unsigned integer") -> int | None:
+        value = node.get(name)
+        if value is None:
+            return None
+        if not pattern.fullmatch(value):
+            raise self.fail(node, f"<{node.tag} {name}='{value}'> must be {what}")
+        return int(value)
+
+
+def parse_devices(root: etree._Element, path: str) -> Devices:
+    """The model of a ``<ccidbridge>`` element (already known to be the root)."""
+    r = _Reader(path)
+    r.attrs(root, ())
+    controllers: list[CcidController] = []
+    smartcards: list[Smartcard] = []
+    channels: list[SpiceChannel] = []
+    for node in r.children(root, ("smartcard", "controller", "channel")):
+        if node.tag == "smartcard":
+            smartcards.append(_smartcard(r, node))
+        elif node.tag == "controller":
+            controllers.append(_controller(r, node))
+        else:
+            channels.append(_channel(r, node))
+    devices = Devices(tuple(controllers), tuple(smartcards), tuple(channels))
+    _check_devices(r, devices)
+    return devices
+
+
+# ---------------------------------------------------------------------------- controllers
+
+
+def _controller(r: _Reader, node: etree._Element) -> CcidController:
+    """``<controller type='ccid' [index=N]>`` with an optional USB address.
+
+    domaincommon.rng: ccid shares the "common attributes only" group (no model).
+    """
+    r.attrs(node, ("type", "index"))
+    kind = node.get("type")
+    if kind != "ccid":
+        raise r.fail(node, f"<controller type='{kind}'> is not a ccidbridge device; allowed: "
+                     "type='ccid' (the domain's own USB/PCI controllers stay in the domain)")
+    index = r.uint(node, "index")
+    usb = None
+    for child in r.children(node, ("address",)):
+        if usb is not None:
+            raise r.fail(child, "a <controller> takes one <address>")
+        usb = _usb_address(r, child)
+    return CcidController(index=index, usb=usb, line=node.sourceline or 0)
+
+
+def _usb_address(r: _Reader, node: etree._Element) -> UsbAddress:
+    r.attrs(node, ("type", "bus", "port"))
+    list(r.children(node, ()))
+    if node.get("type") != "usb":
+        raise r.fail(node, f"a ccid controller's <address type='{node.get('type')}'> is not "
+                     "valid; allowed: type='usb' bus='N' port='P' (it is a USB device)")
+    bus = r.uint(node, "bus")
+    port = node.get("port")
+    if bus is None or port is None:
+        raise r.fail(node, "<address type='usb'> needs both bus='N' and port='P' (e.g. "
+                     "bus='0' port='2'); leave the address out to let libvirt pick a port")
+    if not _USB_PORT.fullmatch(port) or port.split(".")[0] == "0":
+        raise r.fail(node, f"USB port='{port}' is not valid; allowed: 1-999, or a hub path "
+                     "like '1.2'")
+    return UsbAddress(bus=bus, port=port)
+
+
+# ----------------------------------------------------------------------------- smartcards
+
+
+def _smartcard(r: _Reader, node: etree._Element) -> Smartcard:
+    """One ``<smartcard>`` (formatdomain.rst "Smartcard devices")."""
+    line = node.sourceline or 0
+    mode = node.get("mode")
+    if mode is None:
+        raise r.fail(node, "<smartcard> needs mode='host|host-certificates|passthrough' "
+                     "(libvirt: Missing required attribute 'mode' in element 'smartcard')")
+    r.choice(node, "mode", SMARTCARD_MODES,
+             libvirt=f"libvirt: Invalid value for attribute 'mode' in element "
+             f"'smartcard': '{mode}'")
+    if mode == "passthrough":
+        return _passthrough(r, node)
+    r.attrs(node, ("mode",))
+    address = None
+    certificates: list[str] = []
+    database = None
+    allowed = ("address",) if mode == "host" else ("certificate", "database", "address")
+    for child in r.children(node, allowed):
+        if child.tag == "address":
+            if address is not None:
+                raise r.fail(child, "a <smartcard> takes one <address>")
+            address = _ccid_address(r, child)
+            continue
+        if address is not None:
+            raise r.fail(child, f"<{child.tag}> must come before <address> (libvirt schema "
+                         "order: three <certificate>, optional <database>, optional <address>)")
+        r.attrs(child, ())
+        list(r.children(child, (), text=True))
+        text = child.text or ""
+        if child.tag == "certificate":
+            if database is not None:
+                raise r.fail(child, "<certificate> after <database>: the libvirt schema wants "
+                             "the three <certificate> elements first, then <database>")
+            certificates.append(text)
+        else:
+            if database is not None:
+                raise r.fail(child, "a <smartcard> takes at most one <database>")
+            if not text.startswith("/"):
+                raise r.fail(child, f"<database>{text}</database> must be an absolute "
+                             f"directory path like /etc/pki/nssdb (libvirt: expecting "
+                             f"absolute path: {text})")
+            database = text
+    if mode == "host-certificates" and len(certificates) != 3:
+        raise r.fail(node, f"mode='host-certificates' needs exactly three <certificate> "
+                     f"elements (NSS nicknames), found {len(certificates)} (libvirt: "
+                     "host-certificates mode needs exactly three certificates)")
+    return Smartcard(mode=mode, certificates=tuple(certificates), database=database,
+                     address=address, line=line)
+
+
+def _passthrough(r: _Reader, node: etree._Element) -> Smartcard:
+    """``mode='passthrough'``: a chardev of any libvirt type, plus ccidbridge's ``<reader>``."""
+    r.attrs(node, ("mode", "type"))
+    kind = node.get("type")
+    if kind is None:
+        raise r.fail(node, "mode='passthrough' needs a character device type, e.g. "
+                     "type='tcp' or type='unix'; allowed: " + "|".join(CHARDEV_TYPES)
+                     + " (libvirt: passthrough mode requires a character device type "
+                     "attribute)")
+    if kind not in CHARDEV_TYPES:
+        if kind in LIBVIRT_CHARDEV_TYPES:
+            raise r.fail(node, f"type='{kind}' cannot carry a passthrough smartcard here; "
+                         "allowed: " + "|".join(CHARDEV_TYPES))
+        raise r.fail(node, f"type='{kind}' is not a character device type; allowed: "
+                     + "|".join(CHARDEV_TYPES) + " (libvirt: unknown type presented to host "
+                     f"for character device: {kind})")
+    sources: list[CharSource] = []
+    protocol = None
+    log_file = log_append = None
+    address = reader = None
+    seen: set[str] = set()
+    for child in r.children(node, ("source", "protocol", "log", "address", "reader")):
+        if child.tag in seen and child.tag != "source":
+            raise r.fail(child, f"a <smartcard> takes at most one <{child.tag}>")
+        seen.add(child.tag)
+        if child.tag == "source":
+            sources.append(_source(r, child, kind))
+        elif child.tag == "protocol":
+            r.attrs(child, ("type",))
+            list(r.children(child, ()))
+            if kind == "tcp":
+                protocol = r.choice(child, "type", TCP_PROTOCOLS, libvirt="libvirt: Unknown "
+                                    f"protocol '{child.get('type')}'")
+            else:  # libvirt parses it for tcp only and drops it otherwise
+                r.choice(child, "type", TCP_PROTOCOLS)
+        elif child.tag == "log":
+            r.attrs(child, ("file", "append"))
+            list(r.children(child, ()))
+            log_file = child.get("file")
+            if not log_file or not log_file.startswith("/"):
+                raise r.fail(child, "<log> needs file='/absolute/path' (libvirt schema "
+                             "absFilePath)")
+            log_append = r.yes_no(child, "append", "on", "off")
+        elif child.tag == "address":
+            address = _ccid_address(r, child)
+        else:
+            reader = _reader(r, child)
+    _check_sources(r, node, kind, sources)
+    return Smartcard(
+        mode="passthrough",
+        chardev=Chardev(type=kind, sources=tuple(sources), protocol=protocol,
+                        log_file=log_file, log_append=log_append),
+        address=address, reader=reader, line=node.sourceline or 0,
+    )
+
+
+def _source(r: _Reader, node: etree._Element, kind: str) -> CharSource:
+    allowed = _SOURCE_ATTRS.get(kind)
+    if allowed is None:
+        raise r.fail(node, f"type='{kind}' takes no <source>")
+    r.attrs(node, allowed)
+    reconnect = None
+    for child in r.children(node, ("reconnect",) if kind in ("tcp", "unix") else ()):
+        reconnect = _reconnect(r, child)
+    mode = r.choice(node, "mode", ("bind", "connect"), default="connect",
+                    libvirt=f"libvirt: Invalid value for attribute 'mode' in element "
+                    f"'source': '{node.get('mode')}'")
+    assert mode is not None
+    if reconnect is not None and mode != "connect":
+        raise r.fail(node, "<reconnect> needs <source mode='connect'> (QEMU dials out and "
+                     "redials); a listening bind socket cannot reconnect (libvirt: chardev "
+                     "reconnect is possible only for connect mode)")
+    return CharSource(
+        mode=mode,
+        host=node.get("host"),
+        service=node.get("service"),
+        path=node.get("path"),
+        channel=node.get("channel"),
+        append=r.yes_no(node, "append", "on", "off"),
+        tls=r.yes_no(node, "tls") if kind == "tcp" else None,
+        reconnect=reconnect,
+        line=node.sourceline or 0,
+    )
+
+
+def _reconnect(r: _Reader, node: etree._Element) -> Reconnect:
+    r.attrs(node, ("enabled", "timeout"))
+    list(r.children(node, ()))
+    enabled = r.yes_no(node, "enabled")
+    if enabled is None:
+        raise r.fail(node, "<reconnect> needs enabled='yes|no'")
+    timeout = r.uint(node, "timeout", what="a whole number of seconds")
+    if enabled and timeout is None:
+        raise r.fail(node, "<reconnect enabled='yes'> needs timeout='N' (seconds between "
+                     "attempts; libvirt: Missing required attribute 'timeout' in element "
+                     "'reconnect')")
+    if enabled and timeout == 0:
+        raise r.fail(node, "<reconnect timeout='0'> is not valid; allowed: 1 or more seconds "
+                     "(libvirt: chardev reconnect source timeout cannot be '0')")
+    return Reconnect(enabled=enabled, timeout=timeout)
+
+
+def _check_sources(r: _Reader, node: etree._Element, kind: str,
+                   sources: list[CharSource]) -> None:
+    """Per-type source rules (virDomainChrSourceDefValidate and the parser)."""
+    limit = 2 if kind == "udp" else 1
+    if len(sources) > limit:
+        wanted = "one <source>" if limit == 1 else "one bind and one connect <source>"
+        raise r.fail(node, f"type='{kind}' takes {wanted} (libvirt: only one source element "
+                     "is allowed for character device)")
+    src = sources[0] if sources else None
+    if kind in ("tcp", "udp"):
+        if kind == "udp":
+            modes = [s.mode for s in sources]
+            if len(set(modes)) != len(modes):
+                raise r.fail(node, "type='udp' takes at most one <source mode='bind'> and one "
+                             "<source mode='connect'>")
+            src = next((s for s in sources if s.mode == "connect"), None)
+            if src is None:
+                raise r.fail(node, "type='udp' needs <source mode='connect' host='H' "
+                             "service='P'/> (where QEMU sends)")
+        if src is None:
+            raise r.fail(node, f"type='{kind}' needs <source mode='bind|connect' host='H' "
+                         "service='PORT'/> (libvirt: Missing source host attribute for char "
+                         "device)")
+        for s in sources:
+            if kind == "udp" and s.mode == "bind":
+                required: tuple[str, ...] = ()
+            else:
+                required = ("host", "service")
+            for attr in required:
+                if not getattr(s, attr):
+                    raise r.fail_at(s.line, f"<source> of type='{kind}' needs {attr}= "
+                                    f"(libvirt: Missing source {attr} attribute for char device)")
+            if s.service is not None:
+                _port(r, s)
+    elif kind in ("unix", "file", "pipe", "dev"):
+        if src is None or not src.path:
+            raise r.fail(node, f"type='{kind}' needs <source path='/absolute/path'/> "
+                         "(libvirt: Missing source path attribute for char device)")
+        if not src.path.startswith("/"):
+            raise r.fail(node, f"<source path='{src.path}'> must be absolute: QEMU and the "
+                         "bridge would resolve a relative path against different directories")
+    elif kind == "spiceport" and (src is None or not src.channel):
+        raise r.fail(node, "type='spiceport' needs <source channel='org.example.name'/>")
+
+
+def _port(r: _Reader, src: CharSource) -> int:
+    """A TCP/UDP service: a port number 1-65535 or a name from /etc/services."""
+    service = src.service or ""
+    if _UINT.fullmatch(service):
+        port = int(service)
+        if 1 <= port <= 65535:
+            return port
+    else:
+        try:
+            return socket.getservbyname(service)
+        except OSError:
+            pass
+    raise r.fail_at(src.line, f"service='{service}' is not a port; allowed: 1-65535 or a service "
+                 "name from /etc/services")
+
+
+def _ccid_address(r: _Reader, node: etree._Element) -> CcidAddress:
+    """``<address type='ccid' controller='C' [slot='S']/>`` (domaincommon.rng ccidaddress)."""
+    r.attrs(node, ("type", "controller", "slot", "bus", "port"))
+    list(r.children(node, ()))
+    if node.get("type") != "ccid":
+        raise r.fail(node, f"a smartcard's <address type='{node.get('type')}'> is not valid; "
+                     "allowed: type='ccid' controller='0' slot='0' (a card sits in a ccid "
+                     "controller; give the controller its USB address instead; libvirt: "
+                     "Controllers must use the 'ccid' address type)")
+    r.attrs(node, ("type", "controller", "slot"))
+    controller = r.uint(node, "controller", _CCID_NUMBER, "0-99")
+    if controller is None:
+        raise r.fail(node, "<address type='ccid'> needs controller='N' (the libvirt schema "
+                     "requires it)")
+    slot = r.uint(node, "slot", _CCID_NUMBER, "0-99")
+    return CcidAddress(controller=controller, slot=slot)
+
+
+def _reader(r: _Reader, node: etree._Element) -> ReaderSpec:
+    """ccidbridge's ``<reader>``: which host PC/SC reader feeds this card."""
+    r.attrs(node, ("name", "match", "atr", "atr-mask", "share", "protocol", "rewrite-atr",
+                   "timeout"))
+    list(r.children(node, ()))
+    name, match = node.get("name"), node.get("match")
+    if name is not None and match is not None:
+        raise r.fail(node, "<reader> takes name= (exact PC/SC name) or match= (a glob), "
+                     "not both")
+    if name == "" or match == "":
+        raise r.fail(node, "<reader name=/match=> must not be empty; leave it out to use the "
+                     "first reader with a card")
+    atr = _hex(r, node, "atr")
+    mask = _hex(r, node, "atr-mask")
+    if mask is not None and (atr is None or len(mask) != len(atr)):
+        raise r.fail(node, "atr-mask= needs atr= of the same length (one mask byte per ATR "
+                     "byte)")
+    share = r.choice(node, "share", [s.value for s in Share], default="exclusive")
+    protocol = r.choice(node, "protocol", [p.value for p in Protocol], default="any")
+    rewrite = r.yes_no(node, "rewrite-atr")
+    timeout = 30.0
+    if node.get("timeout") is not None:
+        try:
+            timeout = float(node.get("timeout", ""))
+        except ValueError:
+            timeout = math.nan
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise r.fail(node, f"<reader timeout='{node.get('timeout')}'> is not valid; "
+                         "allowed: seconds > 0, e.g. timeout='30'")
+    return ReaderSpec(
+        name=name, match=match, atr=atr, atr_mask=mask, share=Share(share),
+        protocol=Protocol(protocol), rewrite_atr=True if rewrite is None else rewrite,
+        apdu_timeout=timeout, line=node.sourceline or 0,
+    )
+
+
+def _hex(r: _Reader, node: etree._Element, name: str) -> bytes | None:
+    value = node.get(name)
+    if value is None:
+        return None
+    digits = re.sub(r"[\s:]", "", value)
+    if not digits or len(digits) % 2 or not _HEX.fullmatch(digits) or len(digits) > 66:
+        raise r.fail(node, f"<reader {name}='{value}'> is not valid; allowed: 1-33 hex bytes, "
+                     "optionally separated by spaces or colons, e.g. '3B 8F 80 01'")
+    return bytes.fromhex(digits)
+
+
+# ------------------------------------------------------------------------------- channels
+
+
+def _channel(r: _Reader, node: etree._Element) -> SpiceChannel:
+    """``<channel type='spicevmc'>`` with ``<target type='virtio'>`` (formatdomain "Channel")."""
+    r.attrs(node, ("type",))
+    if node.get("type") != "spicevmc":
+        raise r.fail(node, f"<channel type='{node.get('type')}'> is not a ccidbridge device; "
+                     "allowed: type='spicevmc' (the SPICE agent channel)")
+    target = address = None
+    for child in r.children(node, ("target", "address")):
+        if child.tag == "target":
+            r.attrs(child, ("type", "name"))
+            list(r.children(child, ()))
+            if child.get("type") is None:
+                raise r.fail(child, "<target> needs type='virtio' (libvirt: target type must "
+                             "be specified for channel device)")
+            if child.get("type") != "virtio":
+                raise r.fail(child, f"<target type='{child.get('type')}'> is not valid for a "
+                             "spicevmc channel; allowed: type='virtio'")
+            name = child.get("name")
+            if name is not None and name != SPICE_AGENT_NAME:
+                raise r.fail(child, f"<target name='{name}'> is not valid; allowed: "
+                             f"name='{SPICE_AGENT_NAME}' or no name (libvirt: Unsupported "
+                             f"spicevmc target name '{name}')")
+            target = child
+        else:
+            r.attrs(child, ("type", "controller", "bus", "port"))
+            list(r.children(child, ()))
+            if child.get("type") != "virtio-serial":
+                raise r.fail(child, "a channel's <address> must be type='virtio-serial' "
+                             "controller='0' bus='0' port='N'")
+            controller = r.uint(child, "controller") or 0
+            bus = r.uint(child, "bus") or 0
+            port = r.uint(child, "port")
+            if port is None or port == 0:
+                raise r.fail(child, "<address type='virtio-serial'> needs port='N' (1 or more)")
+            address = VirtioSerialAddress(controller, bus, port)
+    if target is None:
+        raise r.fail(node, "<channel type='spicevmc'> needs <target type='virtio'/> (libvirt: "
+                     "target type must be specified for channel device)")
+    return SpiceChannel(target_name=target.get("name"), address=address,
+                        line=node.sourceline or 0)
+
+
+# ----------------------------------------------------------------------- cross-device rules
+
+
+def _check_devices(r: _Reader, devices: Devices) -> None:
+    """Rules across devices (qemuValidateDomainSmartcardDef and address uniqueness)."""
+    seen: dict[int, int] = {}
+    for ctl in devices.controllers:
+        if ctl.index is not None:
+            if ctl.index in seen:
+                raise r.fail_at(ctl.line, f"two <controller type='ccid' index='{ctl.index}'> "
+                             f"(the other on line {seen[ctl.index]}); each index once")
+            seen[ctl.index] = ctl.line
+    ports: dict[tuple[int, str], int] = {}
+    for ctl in devices.controllers:
+        if ctl.usb is not None:
+            key = (ctl.usb.bus, ctl.usb.port)
+            if key in ports:
+                raise r.fail_at(ctl.line, f"USB bus {key[0]} port {key[1]} is used twice "
+                             f"(also on line {ports[key]})")
+            ports[key] = ctl.line
+    for i, card in enumerate(devices.smartcards):
+        if i == 0:
+            addr = card.address
+            if addr is not None and (addr.controller != 0 or (addr.slot or 0) != 0):
+                raise r.fail_at(card.line, f"<address type='ccid' controller='{addr.controller}' "
+                             f"slot='{addr.slot}'> is not possible: QEMU's usb-ccid has one slot "
+                             "and libvirt 9.0 takes only controller='0' slot='0' (libvirt: this "
+                             "QEMU binary lacks multiple smartcard support); for more cards add "
+                             "more <smartcard> elements without <address>")
+            continue
+        if card.address is not None:
+            raise r.fail_at(card.line, "only the first <smartcard> may have an <address>: "
+                         "libvirt 9.0 refuses a second smartcard (this QEMU binary lacks "
+                         "multiple smartcard support), so ccidbridge gives each extra card "
+                         "its own ccid controller and passes the card in <qemu:commandline>")
+        if card.chardev is not None and card.chardev.type in ("spicevmc", "spiceport"):
+            kind = card.chardev.type
+            raise r.fail_at(card.line, f"an extra <smartcard> cannot be type='{kind}': SPICE "
+                            "has one smartcard channel, and only the first <smartcard> is "
+                            "libvirt's; use tcp or unix for the extra cards")
+    vs_ports: dict[tuple[int, int, int], int] = {}
+    for ch in devices.channels:
+        if ch.address is not None:
+            key = (ch.address.controller, ch.address.bus, ch.address.port)
+            if key in vs_ports:
+                raise r.fail_at(ch.line, f"virtio-serial port {key[2]} is used twice (also "
+                             f"on line {vs_ports[key]})")
+            vs_ports[key] = ch.line

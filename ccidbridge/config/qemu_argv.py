@@ -1,0 +1,251 @@
+"""Render a Layout as the QEMU arguments libvirt 9.0 builds for those devices.
+
+Pure.  The rules (qemu_command.c, checked with ``virsh domxml-to-native``):
+
+* order: ccid controllers (``usb-ccid``) after the USB controller, then the
+  smartcard (TLS object, chardev, card device), then the channels (chardev,
+  ``virtserialport``); the extra cards come last, as ``<qemu:commandline>``
+  arguments do;
+* ``-device`` is JSON for QEMU >= 7.0 (capability device.json+hotplug, libvirt
+  >= 8.1), key=value before, with the same key order; ``-object`` is JSON for
+  QEMU >= 6.0 (object.qapified); ``-chardev`` is always key=value;
+* in key=value values commas are doubled; JSON needs no escaping;
+* a listening socket gets ``server=on,wait=off``; ``telnet=on`` comes first;
+  ``reconnect=<s>`` (``reconnect-ms=<ms>`` for QEMU >= 9.2, as newer libvirt
+  emits); TLS adds ``-object tls-creds-x509`` (endpoint client or server,
+  verify-peer true, dir /etc/pki/qemu) and ``tls-creds=``; the log goes last;
+* the spicevmc sub-channel is ``smartcard`` for a card, ``vdagent`` for a channel;
+* the whole line is shell-quoted as virsh prints it: an argument is wrapped in
+  single quotes only when it holds a shell metacharacter.
+
+The extra cards are written in key=value form, which every QEMU takes, so the
+very same strings can sit in a libvirt ``<qemu:commandline>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ccidbridge.config.layout import Layout, PlacedCard, PlacedChannel, usb_bus
+from ccidbridge.config.model import DEFAULT_NSS_DB, DEFAULT_TLS_DIR, SPICE_AGENT_NAME, Chardev
+
+Props = list[tuple[str, object]]
+
+
+@dataclass(frozen=True, order=True)
+class QemuVersion:
+    major: int
+    minor: int
+
+    @classmethod
+    def parse(cls, text: str) -> QemuVersion:
+        """``7.2``, ``7.2.22`` or ``QEMU emulator version 7.2.22 (...)``."""
+        match = re.search(r"(\d+)\.(\d+)", text)
+        if not match:
+            raise ValueError(f"not a QEMU version: {text!r} (expected X.Y, e.g. 7.2)")
+        return cls(int(match.group(1)), int(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}"
+
+    @property
+    def json_device(self) -> bool:
+        return self >= QemuVersion(7, 0)
+
+    @property
+    def json_object(self) -> bool:
+        return self >= QemuVersion(6, 0)
+
+    @property
+    def reconnect_ms(self) -> bool:
+        return self >= QemuVersion(9, 2)
+
+
+NEWEST = QemuVersion(10, 1)  # the default when no qemu-system-x86_64 is installed
+_SHELL_SPECIAL = set("\r\t\n !\"#$&'()*;<>?[\\]^`{|}~")
+
+
+def shell_quote(arg: str) -> str:
+    """virBufferEscapeShell: quote only when the argument holds a metacharacter."""
+    if arg and not (set(arg) & _SHELL_SPECIAL):
+        return arg
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
+def shell_line(args: Iterable[str]) -> str:
+    return " ".join(shell_quote(a) for a in args)
+
+
+def _kv_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace(",", ",,")
+
+
+def _kv(first: str, props: Props) -> str:
+    return ",".join([first.replace(",", ",,"), *(f"{k}={_kv_value(v)}" for k, v in props)])
+
+
+def _json(props: Props) -> str:
+    return json.dumps(dict(props), separators=(",", ":"), ensure_ascii=False)
+
+
+def device(driver: str, props: Props, version: QemuVersion) -> list[str]:
+    """``-device`` in the syntax ``version`` gets from libvirt."""
+    if version.json_device:
+        return ["-device", _json([("driver", driver), *props])]
+    return ["-device", _kv(driver, props)]
+
+
+def tls_object(alias: str, listens: bool, json_syntax: bool) -> list[str]:
+    """qemuBuildTLSx509CommandLine for a chardev's TLS credentials."""
+    props: Props = [
+        ("id", f"obj{alias}_tls0"),
+        ("dir", DEFAULT_TLS_DIR),
+        ("endpoint", "server" if listens else "client"),
+        ("verify-peer", True),
+    ]
+    if json_syntax:
+        return ["-object", _json([("qom-type", "tls-creds-x509"), *props])]
+    return ["-object", _kv("tls-creds-x509", props)]
+
+
+def uses_tls(chardev: Chardev) -> bool:
+    src = chardev.source
+    return chardev.type == "tcp" and src is not None and src.tls is True
+
+
+def chardev_arg(chardev: Chardev, alias: str, spice_name: str,
+                version: QemuVersion) -> str:
+    """qemuBuildChardevStr: the ``-chardev`` value (always key=value)."""
+    kind = chardev.type
+    src = chardev.source
+    props: Props = [("id", alias)]
+    backend = kind
+    if kind in ("tcp", "unix"):
+        assert src is not None
+        backend = "socket"
+        if kind == "tcp":
+            props += [("host", src.host), ("port", src.service)]
+            if chardev.protocol == "telnet":
+                props.append(("telnet", True))
+        else:
+            props.append(("path", src.path))
+        if src.mode == "bind":
+            props += [("server", True), ("wait", False)]
+        if src.reconnect is not None:
+            seconds = src.reconnect.timeout if src.reconnect.enabled else 0
+            assert seconds is not None
+            if version.reconnect_ms:
+                props.append(("reconnect-ms", seconds * 1000))
+            else:
+                props.append(("reconnect", seconds))
+        if uses_tls(chardev):
+            props.append(("tls-creds", f"obj{alias}_tls0"))
+    elif kind == "udp":
+        assert src is not None
+        props += [("host", src.host), ("port", src.service)]
+        local = chardev.source_for("bind")
+        if local is not None:
+            if local.host:
+                props.append(("localaddr", local.host))
+            if local.service:
+                props.append(("localport", local.service))
+    elif kind in ("file", "pipe", "dev"):
+        assert src is not None
+        backend = "tty" if kind == "dev" else kind
+        props.append(("path", src.path))
+        if kind == "file" and src.append is not None:
+            props.append(("append", src.append))
+    elif kind == "spicevmc":
+        props.append(("name", spice_name))
+    elif kind == "spiceport":
+        assert src is not None
+        props.append(("name", src.channel))
+    if chardev.log_file is not None:
+        props.append(("logfile", chardev.log_file))
+        if chardev.log_append is not None:
+            props.append(("logappend", chardev.log_append))
+    return _kv(backend, props)
+
+
+def _card_device(placed: PlacedCard) -> tuple[str, Props]:
+    card = placed.card
+    tail: Props = [("id", placed.alias), ("bus", placed.bus)]
+    if card.mode == "host":
+        return "ccid-card-emulated", [("backend", "nss-emulated"), *tail]
+    if card.mode == "host-certificates":
+        certs: Props = [(f"cert{i}", c) for i, c in enumerate(card.certificates, 1)]
+        db = card.database or DEFAULT_NSS_DB
+        return "ccid-card-emulated", [("backend", "certificates"), *certs, ("db", db), *tail]
+    return "ccid-card-passthru", [("chardev", placed.chardev_alias), *tail]
+
+
+def card_args(placed: PlacedCard, version: QemuVersion, kv_only: bool = False) -> list[str]:
+    """qemuBuildSmartcardCommandLine: [TLS object,] chardev, card device."""
+    args: list[str] = []
+    chardev = placed.card.chardev
+    if chardev is not None:
+        if uses_tls(chardev):
+            src = chardev.source
+            assert src is not None
+            args += tls_object(placed.chardev_alias, src.mode == "bind",
+                               version.json_object and not kv_only)
+        args += ["-chardev", chardev_arg(chardev, placed.chardev_alias, "smartcard", version)]
+    driver, props = _card_device(placed)
+    if kv_only:
+        args += ["-device", _kv(driver, props)]
+    else:
+        args += device(driver, props, version)
+    return args
+
+
+def extra_card_args(placed: PlacedCard, version: QemuVersion) -> list[str]:
+    """An extra card's arguments, in the key=value form every QEMU takes."""
+    return card_args(placed, version, kv_only=True)
+
+
+def _channel_args(placed: PlacedChannel, version: QemuVersion) -> list[str]:
+    a = placed.address
+    props: Props = [
+        ("bus", f"virtio-serial{a.controller}.{a.bus}"),
+        ("nr", a.port),
+        ("chardev", placed.chardev_alias),
+        ("id", placed.alias),
+        ("name", placed.channel.target_name or SPICE_AGENT_NAME),
+    ]
+    return [
+        "-chardev", _kv("spicevmc", [("id", placed.chardev_alias), ("name", "vdagent")]),
+        *device("virtserialport", props, version),
+    ]
+
+
+def usb_controller_args(version: QemuVersion) -> list[str]:
+    """The USB controller (``id=usb``) a bare QEMU needs; libvirt adds its own."""
+    return device("qemu-xhci", [("id", "usb")], version)
+
+
+def argv(lay: Layout, version: QemuVersion, add_usb: bool = False) -> list[str]:
+    """The device arguments, in libvirt's order."""
+    args: list[str] = usb_controller_args(version) if add_usb else []
+    for index in lay.virtio_serial:
+        args += device("virtio-serial-pci", [("id", f"virtio-serial{index}")], version)
+    for ctl in lay.controllers:
+        props: Props = [("id", ctl.alias), ("bus", usb_bus(ctl.usb.bus)),
+                        ("port", ctl.usb.port)]
+        args += device("usb-ccid", props, version)
+    if lay.libvirt_card is not None:
+        args += card_args(lay.libvirt_card, version)
+    for ch in lay.channels:
+        args += _channel_args(ch, version)
+    for placed in lay.extra_cards:
+        args += extra_card_args(placed, version)
+    return args
+
+
+def render(lay: Layout, version: QemuVersion, add_usb: bool = False) -> str:
+    """What ``ccidbridge qemu-argv`` prints: one shell-quoted line."""
+    return shell_line(argv(lay, version, add_usb)) + "\n"

@@ -1,0 +1,117 @@
+"""What ``ccidbridge run`` serves from a config, and what it leaves alone (and why)."""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING
+
+from ccidbridge.config.layout import PlacedCard, layout
+from ccidbridge.config.model import Endpoint, ReaderSpec, ServedCard
+
+if TYPE_CHECKING:
+    from ccidbridge.config.model import Config
+
+TLS_REASON = "TLS chardevs are not supported by the bridge yet"
+_NOT_A_SOCKET = {
+    "pty": "a pty chardev has no socket for the bridge to reach (use tcp or unix)",
+    "file": "a file chardev only writes what QEMU sends; nobody can answer the card",
+    "pipe": "a pipe chardev is not a socket the bridge can open (use tcp or unix)",
+    "dev": "a host device chardev (tty) is not a socket the bridge can open",
+    "null": "a null chardev discards everything; the card can never answer",
+    "vc": "a vc chardev is QEMU's own console, not a socket",
+    "stdio": "a stdio chardev is QEMU's own terminal, not a socket",
+    "udp": "the bridge speaks VSCard over stream sockets; udp can lose or reorder frames",
+    "spicevmc": "the SPICE client (e.g. remote-viewer) relays this card, not ccidbridge",
+    "spiceport": "a spiceport chardev is relayed by the SPICE client, not ccidbridge",
+}
+
+
+def label(config: Config, placed: PlacedCard) -> str:
+    return f"{config.path}:{placed.card.line} {placed.alias}"
+
+
+def _why_not(placed: PlacedCard) -> str | None:
+    card = placed.card
+    if card.mode == "host":
+        return "mode='host': QEMU emulates the card from the host's NSS database by itself"
+    if card.mode == "host-certificates":
+        return "mode='host-certificates': QEMU emulates the card from three NSS certificates"
+    chardev = card.chardev
+    assert chardev is not None
+    if chardev.type in _NOT_A_SOCKET:
+        return f"type='{chardev.type}': {_NOT_A_SOCKET[chardev.type]}"
+    src = chardev.source
+    assert src is not None
+    if chardev.type == "tcp" and src.tls:
+        return TLS_REASON
+    if chardev.protocol == "telnet":
+        return "protocol type='telnet': QEMU wraps the stream in telnet; the bridge speaks raw"
+    return None
+
+
+def _endpoint(placed: PlacedCard) -> Endpoint:
+    chardev = placed.card.chardev
+    assert chardev is not None and chardev.source is not None
+    src = chardev.source
+    listens = src.mode == "connect"
+    if chardev.type == "unix":
+        return Endpoint(kind="unix", bridge_listens=listens, path=src.path)
+    service = src.service or ""
+    port = int(service) if service.isdigit() else socket.getservbyname(service)
+    return Endpoint(kind="tcp", bridge_listens=listens, host=src.host, port=port)
+
+
+def served_cards(config: Config) -> list[ServedCard]:
+    out = []
+    for placed in layout(config.devices).cards:
+        if _why_not(placed) is None:
+            card = placed.card
+            out.append(ServedCard(
+                label=label(config, placed),
+                endpoint=_endpoint(placed),
+                reader=card.reader or ReaderSpec(line=card.line),
+                source_file=config.path,
+                line=card.line,
+            ))
+    return out
+
+
+def unserved(config: Config) -> list[tuple[str, str]]:
+    lay = layout(config.devices)
+    out = []
+    for placed in lay.cards:
+        why = _why_not(placed)
+        if why is not None:
+            out.append((label(config, placed), why))
+    for ch in lay.channels:
+        out.append((f"{config.path}:{ch.channel.line} {ch.alias}",
+                    "a spicevmc channel carries the SPICE agent (clipboard, resolution), "
+                    "not a smartcard"))
+    return out
+
+
+def notes(config: Config) -> list[str]:
+    """What the user must know when pasting the output (not errors)."""
+    devices = config.devices
+    lay = layout(devices)
+    out = []
+    spice = [f"line {p.card.line}" for p in lay.cards
+             if p.card.chardev and p.card.chardev.type in ("spicevmc", "spiceport")]
+    spice += [f"line {c.channel.line}" for c in lay.channels]
+    if spice:
+        out.append(
+            f"spicevmc/spiceport ({', '.join(spice)}) need <graphics type='spice'> in the "
+            "domain (libvirt: chardev 'spicevmc' not supported without spice graphics)"
+        )
+    if lay.extra_cards:
+        out.append(
+            f"{len(lay.cards)} cards: libvirt 9.0 takes one <smartcard>; `ccidbridge libvirt` "
+            f"gives the other {len(lay.extra_cards)} their own <controller type='ccid'> and "
+            "passes them to QEMU in <qemu:commandline>"
+        )
+    if lay.cards or lay.controllers:
+        out.append(
+            "the domain needs a USB controller (not model='none'; libvirt: USB is disabled for "
+            "this domain, but USB devices are present in the domain XML)"
+        )
+    return out

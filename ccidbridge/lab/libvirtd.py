@@ -1,0 +1,232 @@
+"""A throwaway libvirtd (libvirt 9.0, QEMU driver) used as an oracle by the tests.
+
+It only ever runs inside ``.ci/isolated``'s private mount namespace, and
+before it starts it hides every path libvirtd writes to behind private
+throwaway directories, so the machine's own libvirt configuration, state,
+users and groups are never touched:
+
+* ``/etc/libvirt``, ``/var/lib/libvirt``, ``/var/cache/libvirt`` and
+  ``/var/log/libvirt`` get private directories bind-mounted over them (when a
+  mount point does not exist, its parent first gets a private overlay so the
+  mount point is created in the namespace only);
+* ``/etc/passwd`` and ``/etc/group`` get private copies with the
+  ``libvirt-qemu`` user and group appended (the QEMU driver refuses to load
+  without them: "Failed to parse user 'libvirt-qemu'");
+* ``/run/libvirt`` is already private (``.ci/isolated`` mounts a tmpfs on /run).
+
+The daemon is started with ``-f CONF -p PIDFILE`` and stopped by its PID.
+The QEMU capabilities cache (8.5 s to build from scratch) may live in a
+persistent directory; libvirt itself revalidates it against the binaries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+URI = "qemu:///system"
+PRIVATE_DIRS = ("/etc/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
+QEMU_CONF = """\
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+stdio_handler = "file"
+"""
+
+
+class LibvirtdError(RuntimeError):
+    """libvirtd could not be set up, started or queried."""
+
+
+def isolation_problem() -> str | None:
+    """Why it is unsafe to start libvirtd here, or None when it is safe."""
+    if os.environ.get("CCIDBRIDGE_ISOLATED") != "1":
+        return (
+            "libvirtd is only started inside .ci/isolated (CCIDBRIDGE_ISOLATED=1); run "
+            "`.ci/isolated .venv/bin/pytest ...` so the machine's libvirt is never touched"
+        )
+    if os.geteuid() != 0:
+        return "libvirtd (qemu:///system) needs root inside .ci/isolated"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        if not any(" /run " in line and "ccidbridge-run" in line for line in f):
+            return "CCIDBRIDGE_ISOLATED=1 but /run is not .ci/isolated's private tmpfs"
+    for tool in ("libvirtd", "virsh"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (see .ci/debian-packages)"
+    return None
+
+
+def _run(*argv: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LibvirtdError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+
+
+@dataclass
+class PrivateMounts:
+    """The mounts that hide the machine's libvirt paths; undone in reverse order."""
+
+    root: Path
+    mounted: list[str] = field(default_factory=list)
+
+    def bind(self, source: Path, target: str) -> None:
+        _run("mount", "--bind", str(source), target)
+        self.mounted.append(target)
+
+    def overlay_parent(self, target: str) -> None:
+        """Give ``target``'s parent a private copy-on-write overlay so ``target`` can be created."""
+        parent = os.path.dirname(target)
+        if not os.path.isdir(parent):
+            self.overlay_parent(parent)
+            os.mkdir(parent)
+            return
+        base = self.root / ("overlay" + parent.replace("/", "_"))
+        (base / "upper").mkdir(parents=True)
+        (base / "work").mkdir()
+        _run(
+            "mount", "-t", "overlay", "ccidbridge-overlay", "-o",
+            f"lowerdir={parent},upperdir={base / 'upper'},workdir={base / 'work'}", parent,
+        )
+        self.mounted.append(parent)
+
+    def undo(self) -> None:
+        while self.mounted:
+            target = self.mounted.pop()
+            subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def _with_libvirt_qemu(original: str, line: str) -> str:
+    text = Path(original).read_text(encoding="utf-8")
+    if any(entry.split(":", 1)[0] == "libvirt-qemu" for entry in text.splitlines()):
+        return text
+    return text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
+
+
+def make_private(root: Path, cache_dir: Path | None) -> PrivateMounts:
+    """Hide the machine's libvirt paths (see the module docstring) behind ``root``."""
+    mounts = PrivateMounts(root)
+    try:
+        for target in PRIVATE_DIRS:
+            if target == "/var/cache/libvirt" and cache_dir is not None:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                private = cache_dir
+            else:
+                private = root / target.strip("/").replace("/", "_")
+                private.mkdir(parents=True)
+            if not os.path.isdir(target):
+                mounts.overlay_parent(target)
+                os.mkdir(target)
+            mounts.bind(private, target)
+        Path("/etc/libvirt/qemu.conf").write_text(QEMU_CONF, encoding="utf-8")
+        passwd = root / "passwd"
+        group = root / "group"
+        passwd.write_text(
+            _with_libvirt_qemu(
+                "/etc/passwd", "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin"
+            ),
+            encoding="utf-8",
+        )
+        group.write_text(
+            _with_libvirt_qemu("/etc/group", "libvirt-qemu:x:64055:"), encoding="utf-8"
+        )
+        mounts.bind(passwd, "/etc/passwd")
+        mounts.bind(group, "/etc/group")
+    except BaseException:
+        mounts.undo()
+        raise
+    return mounts
+
+
+class Libvirtd:
+    """One libvirtd process with private state; use as a context manager."""
+
+    def __init__(self, cache_dir: Path | None = None, start_timeout: float = 60.0) -> None:
+        self.cache_dir = cache_dir
+        self.start_timeout = start_timeout
+        self.root = Path(tempfile.mkdtemp(prefix="ccidbridge-libvirtd-", dir="/run"))
+        self.log = self.root / "libvirtd.log"
+        self.pid: int | None = None
+        self._mounts: PrivateMounts | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Libvirtd:
+        problem = isolation_problem()
+        if problem:
+            raise LibvirtdError(problem)
+        self._mounts = make_private(self.root / "private", self.cache_dir)
+        conf = self.root / "libvirtd.conf"
+        conf.write_text(
+            f'log_level = 3\nlog_outputs = "3:file:{self.log}"\n'
+            'auth_unix_rw = "none"\nauth_unix_ro = "none"\n',
+            encoding="utf-8",
+        )
+        pidfile = self.root / "libvirtd.pid"
+        with open(self.root / "libvirtd.stdout", "wb") as out:
+            self._proc = subprocess.Popen(
+                ["libvirtd", "-f", str(conf), "-p", str(pidfile)],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        self.pid = self._proc.pid
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if self._proc.poll() is not None:
+                self.stop()
+                raise LibvirtdError(f"libvirtd exited at start; see {self.root}")
+            probe = subprocess.run(["virsh", "-c", URI, "version"], capture_output=True)
+            if probe.returncode == 0:
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LibvirtdError(f"libvirtd not ready after {self.start_timeout} s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._proc = None
+        if self._mounts is not None:
+            self._mounts.undo()
+            self._mounts = None
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> Libvirtd:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def virsh(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``virsh -c qemu:///system ARGS`` (never raises on a non-zero exit)."""
+        return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True)
+
+    def _xml_file(self, xml: str) -> str:
+        fd, path = tempfile.mkstemp(suffix=".xml", dir=self.root)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(xml)
+        return path
+
+    def domxml_to_native(self, domain_xml: str) -> subprocess.CompletedProcess[str]:
+        """``virsh domxml-to-native qemu-argv``: the one-line shell-quoted argv."""
+        return self.virsh("domxml-to-native", "qemu-argv", self._xml_file(domain_xml))
+
+    def define_dumpxml(self, domain_xml: str, name: str) -> subprocess.CompletedProcess[str]:
+        """``virsh define`` then ``dumpxml --inactive``, then undefine; the normalized XML."""
+        defined = self.virsh("define", self._xml_file(domain_xml))
+        if defined.returncode != 0:
+            return defined
+        try:
+            return self.virsh("dumpxml", "--inactive", name)
+        finally:
+            self.virsh("undefine", name)
