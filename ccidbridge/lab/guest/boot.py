@@ -100,6 +100,11 @@ class ApduExchange:
         return self.response[-2:] if len(self.response) >= 2 else b""
 
     @property
+    def guest_timed_out(self) -> bool:
+        """The guest's own watchdog (``guest_timeout=``) powered it off."""
+        return any(r.text.startswith("timeout") for r in self.of_kind("init"))
+
+    @property
     def ok(self) -> bool:
         """SCardTransmit succeeded and returned at least SW1 SW2."""
         return self.rv == 0 and len(self.response) >= 2
@@ -226,6 +231,11 @@ class GuestRun:
         """The ``rc`` of ``CCIDT done``, None if the client never finished."""
         done = self.of_kind("done")
         return int(done[-1].fields.get("rc", "-1")) if done else None
+
+    @property
+    def guest_timed_out(self) -> bool:
+        """The guest's own watchdog (``guest_timeout=``) powered it off."""
+        return any(r.text.startswith("timeout") for r in self.of_kind("init"))
 
     @property
     def ok(self) -> bool:

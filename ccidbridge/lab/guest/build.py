@@ -93,6 +93,7 @@ def build_guest(cache_dir: Path | None = None) -> GuestImage:
         cached = (image_dir / "initrd.gz").exists()
         if not cached:
             _build_image(kernel_dir, image_dir)
+            _prune(image_dir.parent, keep=image_dir)
     return GuestImage(
         vmlinux=kernel_dir / "vmlinux",
         initrd=image_dir / "initrd.gz",
@@ -101,6 +102,15 @@ def build_guest(cache_dir: Path | None = None) -> GuestImage:
         build_seconds=0.0 if cached else time.monotonic() - started,
         cached=cached,
     )
+
+
+def _prune(images: Path, keep: Path, count: int = 4) -> None:
+    """Delete all but the ``count`` newest images (each is about 4 MB)."""
+    others = sorted((p for p in images.iterdir() if p.is_dir() and p != keep
+                     and not p.name.startswith("tmp-")),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[count - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

@@ -5,7 +5,8 @@
 # here as environment variables:
 #   guest_timeout=S   power off after S seconds whatever happens (default 60)
 #   usb_wait=S        how long to wait for the CCID reader on USB (default 10)
-#   pcscd_log=0|1|2   0: keep pcscd's log in /tmp; 1: print it (info level)
+#   pcscd_log=0|1|2   0: keep pcscd's log in /tmp (its last 40 lines are printed
+#                     if the client fails); 1: print it live (info level)
 #                     prefixed "CCIDT pcscd "; 2: the same at debug level
 #   steps=, apdus=, repeat=, mode=, monitor_ms=, reader=: for ccidt-client
 # Every line meant for the host starts with "CCIDT ".
@@ -57,7 +58,12 @@ esac
 say pcscd-started
 
 /usr/bin/ccidt-client
-say client-exit rc=$?
+rc=$?
+say client-exit rc=$rc
+# On failure show the end of pcscd's log even when it was not streamed.
+if [ "$rc" != 0 ] && [ -f /tmp/pcscd.log ]; then
+    tail -n 40 /tmp/pcscd.log | sed -e 's/^/CCIDT pcscd /'
+fi
 # Let pcscd's last log lines reach the console.
 [ "${pcscd_log:-0}" != 0 ] && sleep 0.2
 say poweroff
