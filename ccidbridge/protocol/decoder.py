@@ -45,33 +45,28 @@ class FrameDecoder:
         """
         if self._failed is not None:
             raise self._failed
-        buf = self._buf
-        if not buf and len(data) >= HEADER_SIZE:
-            # Fast path: the chunk starts on a frame boundary (the usual case).
-            frames = self._cut(memoryview(data), 0)
-            return frames
-        buf += data
-        frames = self._cut(memoryview(buf), 0)
-        return frames
-
-    def _cut(self, view: memoryview, pos: int) -> list[RawFrame]:
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self._buf:
+            self._buf += data
+            data = bytes(self._buf)
+            self._buf = bytearray()
         frames: list[RawFrame] = []
-        end = len(view)
+        pos = 0
+        end = len(data)
         limit = self._max_payload
         while end - pos >= HEADER_SIZE:
-            msg_type, reader_id, length = _unpack_header(view, pos)
+            msg_type, reader_id, length = _unpack_header(data, pos)
             if length > limit:
                 self._failed = FrameTooLarge(length, limit)
-                self._buf = bytearray()
                 raise self._failed
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 break
-            frames.append(RawFrame(msg_type, reader_id, bytes(view[pos + HEADER_SIZE : stop])))
+            frames.append(RawFrame(msg_type, reader_id, data[pos + HEADER_SIZE : stop]))
             pos = stop
-        rest = bytes(view[pos:]) if pos < end else b""
-        view.release()
-        self._buf = bytearray(rest)
+        if pos < end:
+            self._buf = bytearray(data[pos:])
         return frames
 
     def eof(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from construct import ConstError, StreamError, TerminatedError
 
@@ -33,9 +33,11 @@ from ccidbridge.protocol.wire import (
 _header = struct.Struct(HEADER_FORMAT)
 
 
-@dataclass(frozen=True, slots=True)
-class RawFrame:
-    """A frame cut from the stream, not yet validated beyond its length."""
+class RawFrame(NamedTuple):
+    """A frame cut from the stream, not yet validated beyond its length.
+
+    A tuple rather than a dataclass: one is made per frame on the APDU path.
+    """
 
     type: int
     reader_id: int
