@@ -254,9 +254,15 @@ def test_guest_remove_and_insert(start_guest: Callable[..., GuestHandle], sock_p
 
 @pytest.mark.guest
 def test_guest_monitor_mode(start_guest: Callable[..., GuestHandle], sock_path: str) -> None:
-    """mode=monitor prints each state change with a timestamp."""
-    guest = start_guest(passthru_args(sock_path), timeout=40,
-                        params={"mode": "monitor", "monitor_ms": 20000})
+    """mode=monitor prints each state change with a timestamp.
+
+    The devices come in libvirt's JSON ``-device`` form with their own USB
+    controller, as ``ccidbridge qemu-argv --usb`` prints them for QEMU 7.2.
+    """
+    devices = ["-device", '{"driver":"qemu-xhci","id":"usb"}',
+               *passthru_args(sock_path, json_device=True)]
+    guest = start_guest(devices, timeout=40, params={"mode": "monitor", "monitor_ms": 20000})
+    assert sum("qemu-xhci" in arg for arg in guest.argv) == 1
     peer = VSCardPeer(sock_path)
     guest.wait_for("state empty", timeout=30)
     peer.insert()

@@ -14,6 +14,7 @@ powers itself off first and the console is complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -320,12 +321,15 @@ def qemu_argv(image: GuestImage, device_args: Sequence[str], append: str,
     about 1 s in getrandom); q35 + qemu-xhci needs only the xhci modules
     (``-machine pc``'s UHCI would need uhci-hcd too); ``-smp 1`` is faster than
     2 on a 2-core host; ``-no-reboot`` turns the guest's panic=-1 into an exit.
+    The ``qemu-xhci`` controller ``usb`` is added unless ``device_args`` bring
+    one (the guest has xhci drivers only: other controllers see no reader).
     """
     return [
         qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "512", "-smp", "1",
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
         "-kernel", str(image.vmlinux), "-initrd", str(initrd or image.initrd), "-append", append,
-        "-device", "qemu-xhci,id=usb", *device_args,
+        *([] if has_usb_controller(device_args) else ["-device", "qemu-xhci,id=usb"]),
+        *device_args,
     ]
 
 
@@ -350,7 +354,7 @@ class GuestHandle:
         self.deadline = self.started + timeout
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env=dict(env) if env is not None else None,
+            env={**os.environ, **env} if env is not None else None,
         )
         self.pid = self.proc.pid
         self._threads = [
@@ -485,9 +489,13 @@ def start_guest(
     ``device_args`` are the reader's QEMU arguments (``-device usb-ccid,...,bus=usb.0``,
     ``-chardev ...``, ``-device ccid-card-passthru,...``); the xhci controller
     ``usb`` is always added.  The guest powers off ``2 s`` before ``timeout``;
-    QEMU is killed at ``timeout``.
+    QEMU is killed at ``timeout``.  ``params`` adds kernel-command-line words
+    (``mode``, ``monitor_ms``, ``repeat``, ``reader``, ``usb_wait``,
+    ``guest_timeout``); ``env`` adds to QEMU's environment (e.g.
+    ``QEMU_CCID_PASSTHRU_DEBUG``).
     """
     guest_timeout = max(1.0, timeout - 2.0)
+    apdus = list(apdus) if apdus is not None else None
     try:
         append = kernel_append(steps, apdus=apdus, pcscd_log=pcscd_log,
                                guest_timeout=guest_timeout, params=params)
@@ -500,7 +508,13 @@ def start_guest(
         scratch = tempfile.TemporaryDirectory(prefix="ccidt-guest-")
         initrd = overlay_initrd(image, {k: v for k, v in long_values.items() if v},
                                 Path(scratch.name))
-    return GuestHandle(qemu_argv(image, device_args, append, qemu, initrd), timeout, env, scratch)
+    try:
+        return GuestHandle(qemu_argv(image, device_args, append, qemu, initrd), timeout, env,
+                           scratch)
+    except BaseException:
+        if scratch is not None:
+            scratch.cleanup()
+        raise
 
 
 def boot_guest(
@@ -519,15 +533,41 @@ def boot_guest(
         return handle.result()
 
 
-def passthru_args(socket_path: str, name: str = "0") -> list[str]:
+def passthru_args(socket_path: str, name: str = "0", json_device: bool = False) -> list[str]:
     """QEMU arguments for one usb-ccid + ccid-card-passthru on a Unix-socket server.
 
     QEMU listens (``server=on,wait=off``) and the VSCard peer connects; this
     is what tests use without the bridge.  The bridge's own ``qemu-argv``
-    output can be passed to :func:`start_guest` the same way.
+    output can be passed to :func:`start_guest` the same way.  With
+    ``json_device`` the ``-device`` values are JSON, as libvirt writes them
+    for QEMU >= 7.0.
     """
-    return [
-        "-chardev", f"socket,id=vsc{name},path={socket_path},server=on,wait=off",
-        "-device", f"usb-ccid,id=ccid{name},bus=usb.0",
-        "-device", f"ccid-card-passthru,chardev=vsc{name},id=smartcard{name},bus=ccid{name}.0",
+    devices = [
+        {"driver": "usb-ccid", "id": f"ccid{name}", "bus": "usb.0"},
+        {"driver": "ccid-card-passthru", "chardev": f"vsc{name}", "id": f"smartcard{name}",
+         "bus": f"ccid{name}.0"},
     ]
+    args = ["-chardev", f"socket,id=vsc{name},path={socket_path},server=on,wait=off"]
+    for dev in devices:
+        if json_device:
+            args += ["-device", json.dumps(dev, separators=(",", ":"))]
+        else:
+            props = ",".join(f"{k}={v}" for k, v in dev.items() if k != "driver")
+            args += ["-device", f"{dev['driver']},{props}"]
+    return args
+
+
+def has_usb_controller(device_args: Sequence[str]) -> bool:
+    """Whether ``device_args`` already add the ``usb`` controller (``qemu-argv --usb``)."""
+    for flag, value in zip(device_args, device_args[1:], strict=False):
+        if flag != "-device":
+            continue
+        if value.startswith("{"):
+            try:
+                if json.loads(value).get("id") == "usb":
+                    return True
+            except ValueError:
+                continue
+        elif "id=usb" in value.split(","):
+            return True
+    return False
