@@ -597,6 +597,9 @@ class InsertedCard:
             return wait_card_state(self.reader, False, timeout)
         return None
 
+    #: alias: "stop the card" is "pull it out of the reader"
+    stop = remove
+
     def kill(self, *, wait: bool = True, timeout: float = 5.0) -> CardState | None:
         return self.remove(sig=signal.SIGKILL, wait=wait, timeout=timeout)
 
