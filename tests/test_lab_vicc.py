@@ -44,3 +44,12 @@ def test_vicc_refuses_without_pcscd(pcsc_stack: PcscStack) -> None:
     stopped = PcscStack(1)  # never started
     with pytest.raises(LabError, match="pcscd"):
         ViccProcess(stopped, pcsc_stack.slots[0]).start()
+
+
+def test_vicc_remove_and_reinsert(vicc_card: ViccProcess) -> None:
+    """Removal is 'kill vicc'; re-insertion is a new vicc on the same slot (notes §3)."""
+    first_pid = vicc_card.pid
+    assert vicc_card.stop() is not None  # waits for EMPTY
+    state = vicc_card.start()
+    assert state.present and state.atr == VICC_ATR
+    assert vicc_card.pid != first_pid
