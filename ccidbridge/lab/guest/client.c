@@ -40,7 +40,7 @@
 
 #include <winscard.h>
 
-#define MAX_STEPS 256
+#define MAX_STEPS 4096
 #define MAX_APDU 4096
 #define DEFAULT_WAIT_MS 20000
 
@@ -223,8 +223,8 @@ enum want { WANT_CARD, WANT_INSERT, WANT_REMOVE };
 static int wait_for_state(enum want w, long timeout_ms)
 {
 	double deadline = now_ms() + timeout_ms;
-	DWORD start = g_state;
-	int was_present = (start & SCARD_STATE_PRESENT) != 0;
+	DWORD start;
+	int was_present;
 	unsigned char atr[64];
 	DWORD atrlen = 0;
 	if (wait_reader(timeout_ms) != 0)
@@ -232,6 +232,8 @@ static int wait_for_state(enum want w, long timeout_ms)
 	/* First look without blocking, so the current state is always known. */
 	if (g_state == SCARD_STATE_UNAWARE)
 		observe(0, atr, &atrlen);
+	start = g_state;
+	was_present = (start & SCARD_STATE_PRESENT) != 0;
 	for (;;) {
 		int present = (g_state & SCARD_STATE_PRESENT) != 0;
 		int counted = (g_state >> 16) != (start >> 16);
@@ -515,28 +517,33 @@ static int run_step(const char *name, const char *arg)
 	return -1;
 }
 
+/* apdus=A,B + repeat=N -> "wait-card,connect,begin,apdu:A,apdu:B,loop:N". */
 static char *build_default_steps(void)
 {
 	const char *apdus = getenv("apdus");
 	const char *mode = getenv("mode");
 	const char *repeat = getenv("repeat");
-	static char buf[8192];
+	char *buf;
+	size_t cap, used;
 	if (mode && !strcmp(mode, "monitor")) {
 		const char *ms = getenv("monitor_ms");
-		snprintf(buf, sizeof buf, "wait-reader,monitor:%s", ms && *ms ? ms : "3600000");
+		buf = malloc(64 + (ms ? strlen(ms) : 0));
+		sprintf(buf, "wait-reader,monitor:%s", ms && *ms ? ms : "3600000");
 		return buf;
 	}
 	if (!apdus || !*apdus)
 		return NULL;
-	snprintf(buf, sizeof buf, "wait-card,connect,begin");
+	/* Each APDU gains "apdu:" (5 bytes); commas are already there. */
+	cap = 64 + strlen(apdus) * 4 + (repeat ? strlen(repeat) : 0);
+	buf = malloc(cap);
+	used = (size_t)snprintf(buf, cap, "wait-card,connect,begin");
 	for (const char *p = apdus; *p;) {
 		size_t n = strcspn(p, ",");
-		size_t used = strlen(buf);
-		snprintf(buf + used, sizeof buf - used, ",apdu:%.*s", (int)n, p);
+		if (n)
+			used += (size_t)snprintf(buf + used, cap - used, ",apdu:%.*s", (int)n, p);
 		p += n + (p[n] == ',');
 	}
-	size_t used = strlen(buf);
-	snprintf(buf + used, sizeof buf - used, ",loop:%s", repeat && *repeat ? repeat : "1");
+	snprintf(buf + used, cap - used, ",loop:%s", repeat && *repeat ? repeat : "1");
 	return buf;
 }
 
@@ -544,7 +551,7 @@ int main(void)
 {
 	char *steps_env = getenv("steps");
 	char *script = steps_env && *steps_env ? steps_env : build_default_steps();
-	char *items[MAX_STEPS];
+	static char *items[MAX_STEPS];
 	int count = 0, rc = 0, begin = 0;
 	long loops_done = 0;
 
@@ -556,8 +563,14 @@ int main(void)
 		return 1;
 	}
 	script = strdup(script);
-	for (char *tok = strtok(script, ","); tok && count < MAX_STEPS; tok = strtok(NULL, ","))
+	for (char *tok = strtok(script, ","); tok; tok = strtok(NULL, ",")) {
+		if (count == MAX_STEPS) {
+			out("error n=%d more than %d steps t=%.1f", count, MAX_STEPS, now_ms());
+			out("done rc=1 t=%.1f", now_ms());
+			return 1;
+		}
 		items[count++] = tok;
+	}
 
 	for (int i = 0; i < count; i++) {
 		char name[64], *arg;
