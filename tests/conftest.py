@@ -1,3 +1,3 @@
 """Shared pytest configuration: fixture plugins."""
 
-pytest_plugins = ["tests.fixtures_stack", "tests.fixtures_guest"]
+pytest_plugins = ["tests.fixtures_stack", "tests.fixtures_guest", "tests.fixtures_libvirt"]

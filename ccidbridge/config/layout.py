@@ -87,7 +87,7 @@ class PlacedChannel:
 class Layout:
     """The devices as libvirt 9.0 lays them out, plus the extra cards."""
 
-    controllers: tuple[PlacedController, ...]  # in libvirt's listing order (index order)
+    controllers: tuple[PlacedController, ...]  # listed ones by index, then the added ones
     cards: tuple[PlacedCard, ...]  # cards[0] is libvirt's; the rest are extras
     channels: tuple[PlacedChannel, ...]
     virtio_serial: tuple[int, ...]  # virtio-serial controller indexes the channels need
@@ -154,7 +154,6 @@ def layout(devices: Devices) -> Layout:
             usb = UsbAddress(bus=0, port=str(next_port))
             taken.add(usb.port)
         placed.append(PlacedController(index=idx, usb=usb, line=line))
-    placed.sort(key=lambda c: c.index)
 
     vs_taken = {
         (c.address.controller, c.address.bus, c.address.port)

@@ -6,6 +6,8 @@ escaping).  The rules it follows (domain_conf.c virDomainSmartcardDefFormat,
 virDomainChrSourceDefFormat, virDomainControllerDefFormat):
 
 * devices are grouped by kind: controllers, then smartcards, then channels;
+  ccid controllers by index (as libvirt keeps them once pasted); libvirt adds
+  the virtio-serial controller before a ccid controller it adds itself;
 * a tcp chardev always prints ``<protocol type='raw'/>`` unless another
   protocol is set; other types drop ``<protocol>``;
 * ``<source>`` attributes print in the order mode, host, service, path, tls;
@@ -125,10 +127,12 @@ def _channel(placed: PlacedChannel) -> list[str]:
 
 def device_lines(lay: Layout) -> list[str]:
     """The elements for ``<devices>``, without indentation."""
-    lines: list[str] = []
-    for ctl in lay.controllers:
-        lines += _controller(ctl)
-    lines += [f"<controller type='virtio-serial' index='{i}'/>" for i in lay.virtio_serial]
+    ccid = [ln for ctl in sorted(lay.controllers, key=lambda c: c.index)
+            for ln in _controller(ctl)]
+    serial = [f"<controller type='virtio-serial' index='{i}'/>" for i in lay.virtio_serial]
+    # libvirt adds the virtio-serial controller (for the channels) before the ccid one
+    listed = any(ctl.line for ctl in lay.controllers)
+    lines = ccid + serial if listed else serial + ccid
     if lay.libvirt_card is not None:
         lines += _smartcard(lay.libvirt_card)
     for ch in lay.channels:

@@ -233,7 +233,7 @@ def argv(lay: Layout, version: QemuVersion, add_usb: bool = False) -> list[str]:
     args: list[str] = usb_controller_args(version) if add_usb else []
     for index in lay.virtio_serial:
         args += device("virtio-serial-pci", [("id", f"virtio-serial{index}")], version)
-    for ctl in lay.controllers:
+    for ctl in sorted(lay.controllers, key=lambda c: c.index):  # as listed once pasted
         props: Props = [("id", ctl.alias), ("bus", usb_bus(ctl.usb.bus)),
                         ("port", ctl.usb.port)]
         args += device("usb-ccid", props, version)
