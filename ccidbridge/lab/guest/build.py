@@ -10,7 +10,10 @@ busybox-static, the host's pcscd + libccid and a small PC/SC client
 every input (client.c, init.sh, this builder's version, the kernel and the
 versions of the host packages copied into the initramfs).
 
-A second call with the same inputs only hashes them (a few ms).
+A second call with the same inputs only hashes them (a few ms).  Measured
+here: cold build 3.8 s including the 70 MB download (a fast mirror), 0.5 s
+for a new initramfs when the kernel is already unpacked.  Needs no root and no
+cpio/xz binaries (Python writes the cpio and decodes the XZ stream).
 """
 
 from __future__ import annotations
@@ -181,7 +184,8 @@ def _download_kernel(tmp: Path) -> Path:
     update`` once and retry.  ``APT::Sandbox::User=root`` silences apt's
     "_apt cannot access the directory" warning for private temp dirs.
     """
-    download = ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download"]
+    sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
+    download = ["apt-get", "-q", *sandbox, "download"]
     try:
         _run(download + [_kernel_package()], cwd=tmp)
     except GuestBuildError as exc:
