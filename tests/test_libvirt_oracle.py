@@ -24,14 +24,14 @@ from ccidbridge.config.serving import notes
 from ccidbridge.examples_regen import configs
 from tests.fixtures_libvirt import (
     commandline_args,
-    sorted_ccid_args,
-    sorted_controllers,
     config_devices,
     device_block_lines,
     native_args,
     needs_spice,
     ours,
     output_domain,
+    sorted_ccid_args,
+    sorted_controllers,
     wrap,
 )
 

@@ -1,0 +1,28 @@
+"""The real libvirt 9.0 rejects every config of tests/test_config_errors.py's ERRORS table
+with the message the table (and ccidbridge's own message) quotes."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures_libvirt import wrap
+from tests.test_config_errors import ERRORS
+
+pytestmark = pytest.mark.libvirt
+SPICE = "<graphics type='spice'/>"
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_libvirt_rejects(libvirtd, case: str) -> None:
+    devices, libvirt_message, _ = ERRORS[case]
+    domain = wrap(devices + (SPICE if "spicevmc" in devices else ""))
+    defined = libvirtd.define_dumpxml(domain, "ccidbridge-oracle")
+    native = libvirtd.domxml_to_native(domain)
+    assert defined.returncode != 0 or native.returncode != 0
+    assert libvirt_message in defined.stderr + native.stderr
+
+
+def test_usb_disabled(libvirtd) -> None:
+    """The domain-level error check can only warn about (it never sees the USB controller)."""
+    domain = wrap("<smartcard mode='host'/><controller type='usb' model='none'/>")
+    assert "USB is disabled for this domain" in libvirtd.domxml_to_native(domain).stderr
