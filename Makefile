@@ -8,9 +8,15 @@ PACKAGES := $(shell sed 's/\#.*//' .ci/debian-packages)
 ISOLATED := .ci/isolated
 READER   ?=
 
-.PHONY: setup deps venv test demo bench lint examples clean
+.PHONY: setup deps venv guest test demo bench lint examples clean
 
-setup: deps venv
+setup: deps venv guest
+
+# The test guest (Debian kernel + initramfs) is built into .cache/guest before
+# entering the namespace: the kernel download needs the network, which
+# .ci/isolated does not have.  Cached; rebuilt only when its inputs change.
+guest: venv
+	$(PY) -m ccidbridge.lab.guest
 
 # Install the Debian packages that are missing (and only those).
 deps:
