@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import statistics
 import subprocess
 import sys
@@ -338,7 +339,9 @@ def test_leave_card_on_stop_keeps_card_state(test_card, bridge: Bridge) -> None:
     bc, sink = bridge(name=card.reader)
     sink.wait("inserted")
     assert send(bc, sink, 1, "002000000431323334")[2] == b"\x90\x00"
+    t = time.perf_counter()
     bc.stop()
+    print(f"stop() took {(time.perf_counter() - t) * 1e3:.1f} ms")
     with Direct(card.reader) as other:
         assert other.tx(bytes.fromhex("0020000000")) == b"\x90\x00"  # still verified
 
@@ -365,13 +368,15 @@ def test_reset_by_other_program(test_card, bridge: Bridge) -> None:  # noqa: ANN
     assert send(bc, sink, 3, "0020000000")[2] == b"\x63\xc3"
 
 
-def test_pcscd_restart_recovers(pcsc_stack: PcscStack, test_card, bridge: Bridge) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+def test_pcscd_restart_recovers(pcsc_stack: PcscStack, test_card, bridge: Bridge, sig) -> None:  # noqa: ANN001
+    """pcscd stopped (or crashed) and started again, the card re-inserted: served again."""
     card = test_card("dual", process=False)
     bc, sink = bridge(name=card.reader)
     sink.wait("inserted")
     mark = sink.mark()
     t = time.monotonic()
-    pcsc_stack.restart(reinsert=True)  # every old context is dead for good (notes §1)
+    pcsc_stack.restart(reinsert=True, sig=sig)  # every old context is dead for good (notes §1)
     (_, reason), _ = sink.wait("removed", mark)
     assert reason == "pcscd stopped"
     (_, atr, reader), t_back = sink.wait("inserted", mark)

@@ -414,12 +414,27 @@ class _Worker:
                 head = item[0]
                 if card._stopping.is_set():
                     break
-                if head.__class__ is int:
-                    self._transmit(head, item[1])  # type: ignore[arg-type]
-                else:
-                    self._control(head, item[1])  # type: ignore[arg-type]
+                try:
+                    if head.__class__ is int:
+                        self._transmit(head, item[1])  # type: ignore[arg-type]
+                    else:
+                        self._control(head, item[1])  # type: ignore[arg-type]
+                except Exception as exc:  # noqa: BLE001 - the worker must survive a bug
+                    self._unexpected(head, exc)
         finally:
             self._close()
+
+    def _unexpected(self, head: object, exc: Exception) -> None:
+        """A bug (ours, pyscard's, the sink's): say it, answer the APDU, keep going.
+
+        Only the exception's type is reported: its text could quote APDU bytes.
+        """
+        self.emit.notice(
+            f"card worker: unexpected {type(exc).__name__} (please report)", logging.ERROR
+        )
+        if head.__class__ is int:
+            with contextlib.suppress(Exception):
+                self.emit.done(head, None, f"internal error ({type(exc).__name__})")  # type: ignore[arg-type]
 
     def _transmit(self, seq: int, apdu: bytes) -> None:
         """The hot path: no allocation beyond the list pyscard needs, no status call."""
@@ -660,6 +675,10 @@ class _Monitor:
         #: the reader whose card the worker was told to serve, and its event counter
         self.bound: str | None = None
         self.bound_state = 0
+        #: the current context's view: readers, their (event state, ATR), the PnP state
+        self.readers: list[str] = []
+        self.states: dict[str, tuple[int, bytes]] = {}
+        self.pnp: int | None = 0  # None: this pcscd does not know the PnP pseudo reader
         self.thread = threading.Thread(target=self.run, name="ccidbridge-pcsc-monitor", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -674,6 +693,12 @@ class _Monitor:
                 self._watch(ctx)
             except _ServiceLost:
                 pass
+            except Exception as exc:  # noqa: BLE001 - keep watching whatever happened
+                self.emit.notice(
+                    f"reader monitor: unexpected {type(exc).__name__}: {exc} (please report)",
+                    logging.ERROR,
+                )
+                stopping.wait(BACKOFF_MAX)
             finally:
                 self._release()
             if not stopping.is_set():
@@ -741,35 +766,50 @@ class _Monitor:
     def _watch(self, ctx: int) -> None:
         """Block in GetStatusChange until something changes; re-evaluate; repeat."""
         stopping = self.card._stopping
-        readers = self._list(ctx)
-        states: dict[str, tuple[int, bytes]] = {}
-        pnp = 0
-        self._evaluate(readers, states)
+        self.readers = self._list(ctx)
+        self.states = {}
+        self.pnp = 0
+        self._evaluate(self.readers, self.states)
         while not stopping.is_set():
-            query = [(r, states[r][0] if r in states else 0) for r in readers]
-            query.append((PNP_READER, pnp))
+            query = [(r, self.states[r][0] if r in self.states else 0) for r in self.readers]
+            if self.pnp is not None:
+                query.append((PNP_READER, self.pnp))
             hr, result = scard.SCardGetStatusChange(ctx, RESCAN_MS, query)
             hr &= 0xFFFFFFFF
-            rescan = False
-            if hr == OK:
-                for name, event, atr in result:
-                    event &= ~scard.SCARD_STATE_CHANGED
-                    if name == PNP_READER:
-                        rescan = rescan or event != pnp
-                        pnp = event
-                    else:
-                        states[name] = (event, bytes(atr))
-                        rescan = rescan or bool(event & scard.SCARD_STATE_UNKNOWN)
-            elif hr in SERVICE_GONE:
-                raise _ServiceLost()
-            elif hr == E_CANCELLED:
+            if hr == E_CANCELLED:
                 continue
-            else:  # timeout (fallback rescan), reader gone meanwhile, anything odd
-                rescan = True
+            rescan = self._apply(result) if hr == OK else self._failed_wait(ctx, hr)
             if rescan:
-                readers = self._list(ctx)
-                states = {r: s for r, s in states.items() if r in readers}
-            self._evaluate(readers, states)
+                self.readers = self._list(ctx)
+                self.states = {r: s for r, s in self.states.items() if r in self.readers}
+            self._evaluate(self.readers, self.states)
+
+    def _apply(self, result: list[tuple[str, int, list[int]]]) -> bool:
+        """Remember each reader's new state; True if the reader list may have changed."""
+        rescan = False
+        for name, event, atr in result:
+            event &= ~scard.SCARD_STATE_CHANGED  # never echo CHANGED back
+            if name == PNP_READER:
+                rescan = rescan or event != self.pnp
+                self.pnp = event
+            else:
+                self.states[name] = (event, bytes(atr))
+                rescan = rescan or bool(event & scard.SCARD_STATE_UNKNOWN)
+        return rescan
+
+    def _failed_wait(self, ctx: int, hr: int) -> bool:
+        """GetStatusChange did not report a change; always rescan afterwards."""
+        if hr in SERVICE_GONE:
+            raise _ServiceLost()
+        if hr in READER_GONE:  # one vanished meanwhile, or this pcscd has no PnP reader
+            if self._list(ctx) == self.readers:
+                self.pnp = None  # else it would fail at once forever: a busy loop
+        elif hr != E_TIMEOUT:  # timeout is the fallback rescan; anything else is odd
+            self.emit.once(
+                f"gsc:{hr}", f"SCardGetStatusChange failed: {hr_text(hr)}", logging.WARNING
+            )
+            self.card._stopping.wait(BACKOFF_MAX)
+        return True
 
     def _evaluate(self, readers: list[str], states: dict[str, tuple[int, bytes]]) -> None:
         """Keep serving the bound card while it stays; otherwise choose one."""
