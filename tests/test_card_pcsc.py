@@ -33,7 +33,7 @@ from ccidbridge.card.pcsc import (
 )
 from ccidbridge.cli import main as cli_main
 from ccidbridge.config.model import Protocol, ReaderSpec, Share
-from ccidbridge.lab.pcsc import PcscStack
+from ccidbridge.lab.pcsc import PcscStack, entry_name
 from ccidbridge.lab.vicc import VICC_ATR
 from ccidbridge.lab.vpcd_card import ATR_PRESETS, pattern
 
@@ -228,13 +228,13 @@ def test_selection_by_name_glob_first_card_and_atr(test_card, bridge: Bridge) ->
 def test_reader_missing_said_once_then_found(pcsc_stack: PcscStack, test_card, bridge: Bridge):  # noqa: ANN001, ANN201
     """A reader that is not there: one notice, no line per retry; found when it appears
     (after pcscd restarts with a new reader entry: vpcd readers only change that way)."""
-    want = "Virtual PCD C 00 00"
-    if want in pcsc_stack.readers:
-        pytest.skip("stack already has a third vpcd entry")
+    entries = pcsc_stack.n_entries
+    want = f"{entry_name(entries)} 00 00"  # the next vpcd entry, e.g. "Virtual PCD C 00 00"
+    assert want not in pcsc_stack.readers
     _, sink = bridge(name=want)
     sink.wait("notice", pred=lambda c: "not found" in c[1])
     assert sink.quiet("inserted", 0, 1.2)  # spans a fallback rescan
-    pcsc_stack.ensure_slots(6)  # restarts pcscd with entry C
+    pcsc_stack.ensure_slots(2 * (entries + 1))  # restarts pcscd with one more entry
     card = test_card("t1", reader=want, process=False)
     (_, atr, reader), _ = sink.wait("inserted")
     assert (reader, atr) == (want, card.atr)
@@ -422,6 +422,34 @@ def test_crash_mid_apdu(test_card, bridge: Bridge) -> None:  # noqa: ANN001
     card.restart()
     sink.wait("inserted", mark)
     assert send(bc, sink, 3, "8010000800")[2] == pattern(8) + b"\x90\x00"
+
+
+def test_removed_card_error_then_card_removed(test_card, bridge: Bridge) -> None:  # noqa: ANN001
+    """An APDU that meets SCARD_W_REMOVED_CARD: its error first, then card_removed.
+
+    Our monitor normally reports the removal first (it sees pcscd's EMPTY as soon as
+    anybody), so it is muted here to let the worker meet the stale handle.
+    """
+    card = test_card("dual", process=False)
+    bc, sink = bridge(name=card.reader)
+    sink.wait("inserted")
+    monitor = bc._monitor
+    assert monitor is not None
+    evaluate = monitor._evaluate
+    monitor._evaluate = lambda *a: None  # type: ignore[method-assign]
+    card.remove()  # pcscd says EMPTY
+    mark = sink.mark()
+    _, _, resp, err = send(bc, sink, 1, "8010000800")
+    assert (resp, err) == (None, "SCARD_W_REMOVED_CARD (0x80100069)")
+    (_, reason), _ = sink.wait("removed", mark)
+    assert reason == "card removed"
+    assert sink.calls.index(("removed", reason)) > sink.calls.index(("done", 1, None, err))
+    monitor._evaluate = evaluate  # type: ignore[method-assign]
+    card.insert()
+    sink.wait("inserted", mark)
+    assert send(bc, sink, 2, "8010000800")[2] == pattern(8) + b"\x90\x00"
+    assert len(sink.of("inserted", mark)) == 1  # no flapping
+    assert not sink.notices("cannot connect")
 
 
 def test_hung_card_recheck_and_back(test_card, bridge: Bridge) -> None:  # noqa: ANN001

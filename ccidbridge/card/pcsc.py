@@ -578,11 +578,11 @@ class _Worker:
         if hr == W_RESET:
             self._reconnect_after_reset()
         elif hr in CARD_GONE:
-            self._lost("card removed", retry=True)
+            self._drop("card removed")
         elif hr in READER_GONE:
-            self._lost("reader gone", retry=False)
+            self._drop("reader gone")
         elif hr in SERVICE_GONE:
-            self._lost("pcscd stopped", retry=False)
+            self._drop("pcscd stopped")
             self._release_ctx()
         elif self.h is not None:
             # E.g. SCARD_E_NOT_TRANSACTED: keep serving, unless the card is gone or reset.
@@ -613,13 +613,12 @@ class _Worker:
         self._drop(reason)
         self.broken = True
 
-    def _lost(self, reason: str, *, retry: bool) -> None:
-        self._drop(reason)
-        if retry and self.want is not None:
-            self._schedule_retry()  # re-inserted between two polls: the monitor sees no change
-
     def _drop(self, reason: str) -> None:
-        """Disconnect (LEAVE_CARD) and report the card gone if it was served."""
+        """Disconnect (LEAVE_CARD) and report the card gone if it was served.
+
+        No reconnect from here: pcscd's event counter moves on every insertion and
+        removal, so the monitor always sees a new card and re-attaches it.
+        """
         h, self.h = self.h, None
         if h is not None:
             scard.SCardDisconnect(h, LEAVE)

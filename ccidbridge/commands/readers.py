@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from ccidbridge.card.pcsc import PcscUnavailable, ReaderInfo, atr_hex, list_readers
+if TYPE_CHECKING:
+    from ccidbridge.card.pcsc import ReaderInfo
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def format_line(info: ReaderInfo) -> str:
     if info.card_present and info.atr:
-        return f"{info.name}: card present, ATR {atr_hex(info.atr)}"
+        return f"{info.name}: card present, ATR {info.atr.hex(' ').upper()}"
     if info.card_present:
         return f"{info.name}: card present"
     return f"{info.name}: no card"
@@ -49,6 +51,11 @@ def as_json(infos: list[ReaderInfo]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:  # imported here: a broken pyscard must not break the other commands
+        from ccidbridge.card.pcsc import PcscUnavailable, list_readers
+    except ImportError as exc:
+        print(f"ccidbridge: pyscard is not usable: {exc}", file=sys.stderr)
+        return 1
     try:
         infos = list_readers()
     except PcscUnavailable as exc:
