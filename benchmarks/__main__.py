@@ -1,0 +1,238 @@
+"""``python -m benchmarks [ITEM...]``: run issue 6's benchmarks, print a table, write JSON.
+
+Items (all by default, in this order): apdu, overhead, events, recovery,
+memory, scale, codec.  Run inside ``.ci/isolated`` (``make bench``): the
+items that need pcscd start a private one.  ``--quick`` makes every item
+smaller (a smoke run: numbers are noisier).  JSON goes to
+``benchmarks/results/latest.json`` unless ``--json`` says otherwise.
+
+Every figure is a distribution or a ratio measured in the same run; see each
+module's docstring for what exactly is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import apdu, codec, lifecycle, scale
+from benchmarks.common import machine
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+
+TARGETS = {
+    "apdu": "bridged/floor <= 1.10 at the median; beat the minimal relay and vscclient (1.5x)",
+    "overhead": "(no target: the bridge's own cost, card time removed)",
+    "events": "<= 50 ms added (median and max)",
+    "recovery": "<= 1 s after QEMU listens again (max)",
+    "memory": "idle RSS <= 40 MB, growth after 100k APDUs <= 1 MB",
+    "scale": "16-card p99 / single-card p99 <= 1.5",
+    "codec": "(no target: msg/s against a plain struct codec)",
+}
+
+
+def _us(x: float) -> str:
+    return f"{x:,.1f}"
+
+
+def _dist_row(name: str, s: dict[str, float]) -> str:
+    return f"  {name:<28}{_us(s['median_us']):>12}{_us(s['p99_us']):>12}{s['n']:>8}"
+
+
+def _dist_head() -> str:
+    return f"  {'':<28}{'median µs':>12}{'p99 µs':>12}{'n':>8}"
+
+
+def report_apdu(r: dict) -> tuple[list[str], bool]:
+    lines, ok = [], True
+    for label, res in r.items():
+        lines.append(f" {label} socket ({'card: ' + label.split()[0]})")
+        lines.append(_dist_head())
+        for name in ("bridged", "direct", "socket floor", "floor", "relay"):
+            lines.append(_dist_row(name, res["stats"][name]))
+        q = res["ratios"]
+        met = q["bridged/floor median"] <= 1.10
+        ok &= met
+        lines.append(
+            f"  bridged/direct {q['bridged/direct median']:.2f} (p99 {q['bridged/direct p99']:.2f})"
+            f"   bridged/floor {q['bridged/floor median']:.2f} (p99 {q['bridged/floor p99']:.2f})"
+            f" {'MET' if met else 'MISSED'}"
+            f"   relay/floor {q['relay/floor median']:.2f} (p99 {q['relay/floor p99']:.2f})"
+        )
+    return lines, ok
+
+
+def report_overhead(r: dict) -> tuple[list[str], bool]:
+    lines = []
+    for sock, res in r.items():
+        lines.append(f" {sock} socket")
+        lines.append(_dist_head())
+        for name, s in res["stats"].items():
+            lines.append(_dist_row(name, s))
+        q, a = res["ratios"], res["added_us"]
+        lines.append(
+            f"  instant/floor {q['instant/floor median']:.2f} (p99 {q['instant/floor p99']:.2f})"
+            f"   instant/echo {q['instant/echo median']:.2f} (p99 {q['instant/echo p99']:.2f})"
+            f"   added: {a['vs floor median']:.1f} µs vs floor, {a['vs echo median']:.1f} µs"
+            " vs echo (medians)"
+        )
+    return lines, True
+
+
+def report_events(r: dict) -> tuple[list[str], bool]:
+    lines = [f"  {'':<30}{'median ms':>11}{'p90 ms':>9}{'max ms':>9}{'n':>5}"]
+    ok = True
+    for name, s in r.items():
+        met = s["max_us"] <= 50_000
+        ok &= met
+        lines.append(
+            f"  {name:<30}{s['median_us'] / 1000:>11.2f}{s['p90_us'] / 1000:>9.2f}"
+            f"{s['max_us'] / 1000:>9.2f}{s['n']:>5}  {'MET' if met else 'MISSED'}"
+        )
+    return lines, ok
+
+
+def report_recovery(r: dict) -> tuple[list[str], bool]:
+    lines = [f"  {'':<36}{'median ms':>11}{'max ms':>9}{'n':>5}"]
+    ok = True
+    for sock, res in r.items():
+        s = res["QEMU listens -> ATR acked"]
+        k = res["kill -> QEMU listens"]
+        met = s["max_us"] <= 1_000_000
+        ok &= met
+        lines.append(
+            f"  {sock + ': QEMU listens -> ATR acked':<36}{s['median_us'] / 1000:>11.1f}"
+            f"{s['max_us'] / 1000:>9.1f}{s['n']:>5}  {'MET' if met else 'MISSED'}"
+        )
+        lines.append(
+            f"  {sock + ': kill -> QEMU listens':<36}{k['median_us'] / 1000:>11.1f}"
+            f"{'':>9}{k['n']:>5}"
+        )
+    return lines, ok
+
+
+def report_memory(r: dict) -> tuple[list[str], bool]:
+    ok = r["idle_mib"] <= 40 and r["growth_mib"] <= 1
+    end = next(k for k in r if k.startswith("after_") and k != "after_10k_mib")
+    return [
+        f"  idle RSS {r['idle_mib']:.1f} MiB   after 10k {r['after_10k_mib']:.1f} MiB   "
+        f"{end[6:-4]} APDUs {r[end]:.1f} MiB   growth {r['growth_mib']:+.2f} MiB "
+        f"(10k->end {r['growth_10k_to_end_mib']:+.2f})   {r['apdu_per_s']:,.0f} APDU/s   "
+        f"{'MET' if ok else 'MISSED'}"
+    ], ok
+
+
+def report_scale(r: dict) -> tuple[list[str], bool]:
+    lines, ok = [], True
+    for kind, res in r.items():
+        met = res["p99 ratio"] <= 1.5
+        ok &= met
+        lines.append(f" cards: {kind}, {res['cards']} in one bridge process")
+        lines.append(_dist_head())
+        lines.append(_dist_row("1 card", res["1 card"]))
+        lines.append(_dist_row(f"{res['cards']} cards, round robin", res["n cards"]))
+        b = res["busy"]
+        lines.append(_dist_row(f"{res['cards']} cards, all busy", b["per-APDU"]))
+        lines.append(
+            f"  p99 n/1 {res['p99 ratio']:.2f} {'MET' if met else 'MISSED'}   median n/1 "
+            f"{res['median ratio']:.2f}   all busy: {b['all at once APDU/s']:,.0f} APDU/s total"
+            f" vs {b['single APDU/s']:,.0f} for one card ({b['throughput ratio']:.2f}x)"
+        )
+    return lines, ok
+
+
+def report_codec(r: dict) -> tuple[list[str], bool]:
+    return ["  " + line for line in codec.report(r)], True
+
+
+def _codec() -> dict:
+    return codec.measure()
+
+
+ITEMS: dict[str, tuple[Callable[[bool], dict], Callable[[dict], tuple[list[str], bool]]]] = {
+    "apdu": (
+        lambda q: _with_stack(lambda st: apdu.run_apdu(st, *((4, 150) if q else (10, 300)))),
+        report_apdu,
+    ),
+    "overhead": (lambda q: apdu.run_overhead(*((4, 150) if q else (10, 300))), report_overhead),
+    "events": (lambda q: lifecycle.run_events(4 if q else 10), report_events),
+    "recovery": (lambda q: lifecycle.run_recovery(2 if q else 5), report_recovery),
+    "memory": (lambda q: lifecycle.run_memory(20_000 if q else 100_000), report_memory),
+    "scale": (
+        lambda q: scale.run_scale(*((2, 400, 640) if q else (4, 1600, 1600))),
+        report_scale,
+    ),
+    "codec": (lambda q: _codec(), report_codec),
+}
+
+
+def _with_stack(fn: Callable) -> dict:
+    from ccidbridge.lab.pcsc import PcscStack
+
+    with PcscStack(2, debug=False) as stack:
+        return fn(stack)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "items", nargs="*", metavar="ITEM", help=f"any of: {', '.join(ITEMS)} (default: all)"
+    )
+    p.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
+    p.add_argument("--json", type=Path, default=RESULTS, help=f"default: {RESULTS}")
+    args = p.parse_args(argv)
+    items = args.items or list(ITEMS)
+    unknown = [i for i in items if i not in ITEMS]
+    if unknown:
+        p.error(f"unknown item(s) {', '.join(unknown)}; choose from {', '.join(ITEMS)}")
+    started = datetime.datetime.now(datetime.UTC)
+    out: dict[str, object] = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "quick": args.quick,
+        "targets": {k: TARGETS[k] for k in items},
+        "results": {},
+        "met": {},
+        "seconds": {},
+    }
+    m = out["machine"]
+    print(
+        f"ccidbridge benchmarks, {out['started']}: {m['cpu']} x{m['cpus']}, {m['mem_gib']} GiB, "
+        f"{m['os']}, kernel {m['kernel']}, Python {m['python']}, pyscard {m['pyscard']}, "
+        f"pcscd {m['pcscd']}, vpcd {m['vsmartcard-vpcd']}, QEMU {m['qemu']}, "
+        f"load {', '.join(f'{x:.2f}' for x in m['loadavg'])}"
+    )
+    failed = False
+    for name in items:
+        run, report = ITEMS[name]
+        t0 = time.monotonic()
+        print(f"\n== {name}: target {TARGETS[name]}", flush=True)
+        try:
+            res = run(args.quick)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other items
+            traceback.print_exc()
+            out["results"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  FAILED to run: {exc}", flush=True)
+            failed = True
+            continue
+        out["seconds"][name] = round(time.monotonic() - t0, 1)
+        out["results"][name] = res
+        lines, ok = report(res)
+        out["met"][name] = ok
+        print("\n".join(lines), flush=True)
+        print(f"  ({out['seconds'][name]} s)", flush=True)
+    out["machine"]["loadavg_end"] = __import__("os").getloadavg()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"\nJSON: {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
