@@ -18,8 +18,8 @@ Pure.  The rules (qemu_command.c, checked with ``virsh domxml-to-native``):
 * the whole line is shell-quoted as virsh prints it: an argument is wrapped in
   single quotes only when it holds a shell metacharacter.
 
-The extra cards are written in key=value form, which every QEMU takes, so the
-very same strings can sit in a libvirt ``<qemu:commandline>``.
+The extra cards' arguments are the very strings ``<qemu:commandline>`` carries;
+they depend on the QEMU version like libvirt's own (see ``extra_card_args``).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def _card_device(placed: PlacedCard) -> tuple[str, Props]:
     return "ccid-card-passthru", [("chardev", placed.chardev_alias), *tail]
 
 
-def card_args(placed: PlacedCard, version: QemuVersion, kv_only: bool = False) -> list[str]:
+def card_args(placed: PlacedCard, version: QemuVersion) -> list[str]:
     """qemuBuildSmartcardCommandLine: [TLS object,] chardev, card device."""
     args: list[str] = []
     chardev = placed.card.chardev
@@ -192,20 +192,21 @@ def card_args(placed: PlacedCard, version: QemuVersion, kv_only: bool = False) -
         if uses_tls(chardev):
             src = chardev.source
             assert src is not None
-            args += tls_object(placed.chardev_alias, src.mode == "bind",
-                               version.json_object and not kv_only)
+            args += tls_object(placed.chardev_alias, src.mode == "bind", version.json_object)
         args += ["-chardev", chardev_arg(chardev, placed.chardev_alias, "smartcard", version)]
     driver, props = _card_device(placed)
-    if kv_only:
-        args += ["-device", _kv(driver, props)]
-    else:
-        args += device(driver, props, version)
-    return args
+    return args + device(driver, props, version)
 
 
 def extra_card_args(placed: PlacedCard, version: QemuVersion) -> list[str]:
-    """An extra card's arguments, in the key=value form every QEMU takes."""
-    return card_args(placed, version, kv_only=True)
+    """An extra card's arguments, for ``<qemu:commandline>`` and the end of the argv.
+
+    Same syntax as libvirt's own arguments for that QEMU: QEMU 7.2 creates every
+    key=value ``-device`` before any JSON one, so a key=value card device would
+    look for its ``ccidN.0`` bus before libvirt's JSON ``usb-ccid`` exists
+    ("Bus 'ccid1.0' not found").
+    """
+    return card_args(placed, version)
 
 
 def _channel_args(placed: PlacedChannel, version: QemuVersion) -> list[str]:
