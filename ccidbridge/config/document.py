@@ -52,6 +52,7 @@ def parse_bytes(data: bytes, path: str) -> etree._Element:
                 path, node.sourceline, f"entity reference &{node.name}; refused; only the "
                 "predefined &amp; &lt; &gt; &apos; &quot; and character references are allowed",
             )
+    _start_lines(root, data)
     if root.tag != ROOT:
         hint = ""
         if root.tag == "domain":
@@ -63,6 +64,24 @@ def parse_bytes(data: bytes, path: str) -> etree._Element:
             path, root.sourceline, f"the root element is <{root.tag}>, expected <{ROOT}>{hint}"
         )
     return root
+
+
+def _start_lines(root: etree._Element, data: bytes) -> None:
+    """Point each element's ``sourceline`` at its start tag's first line.
+
+    libxml2 records the line where the start tag *ends*; a ``<reader>`` spread
+    over three lines should be reported at its first.
+    """
+    ends: list[int] = [0]
+    for line in data.split(b"\n"):
+        ends.append(ends[-1] + len(line) + 1)
+    for node in root.iter():
+        if not isinstance(node.tag, str) or "{" in node.tag or node.sourceline is None:
+            continue
+        end = ends[min(node.sourceline, len(ends) - 1)]
+        start = data.rfind(b"<" + node.tag.encode(), 0, end)
+        if start >= 0:
+            node.sourceline = data.count(b"\n", 0, start) + 1
 
 
 def read(path: str) -> etree._Element:
