@@ -170,9 +170,9 @@ def needs_spice(text: str) -> bool:
 
 
 def output_domain(lay: Layout, version: QemuVersion, extra_devices: str = "",
-                  outside: str = "") -> str:
+                  outside: str = "", portable: bool = False) -> str:
     """A domain holding ccidbridge's libvirt output (and what else the case needs)."""
-    devices = "\n".join("    " + ln for ln in device_lines(lay)) + "\n" + extra_devices
+    devices = "\n".join("    " + ln for ln in device_lines(lay, portable)) + "\n" + extra_devices
     commandline = "\n".join(commandline_lines(lay, version))
     return wrap(devices, commandline + "\n" + outside)
 

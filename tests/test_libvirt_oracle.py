@@ -106,6 +106,17 @@ CASES = {
     "x-null": "<smartcard mode='passthrough' type='null'/>",
     "x-spiceport": "<smartcard mode='passthrough' type='spiceport'><source channel='org.x'/>"
     "</smartcard>",
+    "x-pipe": "<smartcard mode='passthrough' type='pipe'><source path='/tmp/p'/></smartcard>",
+    "x-dev": "<smartcard mode='passthrough' type='dev'><source path='/dev/ttyS0'/></smartcard>",
+    "x-vc": "<smartcard mode='passthrough' type='vc'/>",
+    "x-stdio": "<smartcard mode='passthrough' type='stdio'/>",
+    "x-file-append": "<smartcard mode='passthrough' type='file'><source path='/tmp/f' "
+    "append='on'/></smartcard>",
+    "x-udp-connect-only": "<smartcard mode='passthrough' type='udp'><source mode='connect' "
+    "host='1.2.3.4' service='5'/></smartcard>",
+    "x-channel-address": "<channel type='spicevmc'><target type='virtio'/><address "
+    "type='virtio-serial' controller='0' bus='0' port='3'/></channel><channel "
+    "type='spicevmc'><target type='virtio'/></channel>",
     "x-extra-controller": "<controller type='ccid' index='1'/><smartcard mode='host'/>",
 }
 # Case 22 (the old -device syntax) for cases 1, 2, 5 and 15, plus the TLS object.
@@ -199,3 +210,27 @@ def test_spicevmc_without_graphics(libvirtd) -> None:
     refused = libvirtd.define_dumpxml(wrap(config_devices(config)), "x")
     assert "chardev 'spicevmc' not supported without spice graphics" in refused.stderr
     assert any("not supported without spice graphics" in n for n in notes(loads(config)))
+
+
+BUSY = ("<controller type='usb' index='0' model='qemu-xhci'/>"
+        "<input type='tablet' bus='usb'><address type='usb' bus='0' port='1'/></input>"
+        "<controller type='virtio-serial' index='0'/>"
+        "<channel type='unix'><source mode='bind'/>"
+        "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>")
+
+
+@pytest.mark.parametrize("example", configs(), ids=lambda p: p.stem)
+def test_portable_output_fits_a_busy_domain(libvirtd, example: Path) -> None:
+    """``--portable`` pasted next to a tablet on USB port 1 and a guest-agent channel."""
+    text = example.read_text(encoding="utf-8")
+    lay, _, args = ours(text, QEMU_72)
+    extra = BUSY + (SPICE if needs_spice(text) else "")
+    portable = output_domain(lay, QEMU_72, extra, portable=True)
+    native = native_args(_check(libvirtd.domxml_to_native(portable), "portable output"))
+    cards = [a for a in args if "ccid-card" in a or a.startswith(("socket", "spicevmc,id=charsm"))]
+    assert [a for a in native if a in cards] == cards
+    assert '"driver":"usb-ccid","id":"ccid0","bus":"usb.0","port":"2"' in " ".join(native)
+    # the normal form collides with the tablet's port or the agent's virtio-serial controller
+    refused = libvirtd.domxml_to_native(output_domain(lay, QEMU_72, extra)).stderr
+    assert ("Duplicate USB address bus 0 port 1" in refused
+            or "Multiple 'virtio-serial' controllers with index '0'" in refused)

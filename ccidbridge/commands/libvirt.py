@@ -19,7 +19,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "domain's <devices>.  Cards beyond the first come as a <qemu:commandline>.",
     )
     parser.add_argument("config", metavar="CONFIG")
-    add_version_option(parser, "for the extra cards' <qemu:commandline> (reconnect syntax)")
+    add_version_option(parser, "for the extra cards' <qemu:commandline> (-device syntax, "
+                       "reconnect)")
+    parser.add_argument(
+        "--portable", action="store_true",
+        help="leave out the USB ports, virtio-serial controller and ports libvirt assigns "
+        "itself, for a domain that already has USB devices or a virtio-serial controller",
+    )
     parser.set_defaults(func=run)
 
 
@@ -29,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ccidbridge: {exc}", file=sys.stderr)
         return 2
-    sys.stdout.write(render(layout(config.devices), version_of(args)))
+    sys.stdout.write(render(layout(config.devices), version_of(args), portable=args.portable))
     return 0

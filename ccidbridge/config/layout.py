@@ -38,6 +38,7 @@ class PlacedController:
     index: int
     usb: UsbAddress
     line: int = 0  # 0: added by libvirt (or by ccidbridge for an extra card)
+    usb_given: bool = False  # the config itself set the USB address
 
     @property
     def alias(self) -> str:
@@ -148,12 +149,13 @@ def layout(devices: Devices) -> Layout:
     next_port = 1
     for idx, line in order:
         usb = explicit_usb.get(idx)
+        given = usb is not None
         if usb is None:
             while str(next_port) in taken:
                 next_port += 1
             usb = UsbAddress(bus=0, port=str(next_port))
             taken.add(usb.port)
-        placed.append(PlacedController(index=idx, usb=usb, line=line))
+        placed.append(PlacedController(index=idx, usb=usb, line=line, usb_given=given))
 
     vs_taken = {
         (c.address.controller, c.address.bus, c.address.port)

@@ -48,7 +48,9 @@ def _attrs(**values: object) -> str:
     return "".join(out)
 
 
-def _controller(ctl: PlacedController) -> list[str]:
+def _controller(ctl: PlacedController, portable: bool) -> list[str]:
+    if portable and not ctl.usb_given:
+        return [f"<controller type='ccid' index='{ctl.index}'/>"]
     return [
         f"<controller type='ccid' index='{ctl.index}'>",
         f"  <address type='usb' bus='{ctl.usb.bus}' port='{ctl.usb.port}'/>",
@@ -114,29 +116,40 @@ def _smartcard(placed: PlacedCard) -> list[str]:
     return [head, *("  " + line for line in body), "</smartcard>"]
 
 
-def _channel(placed: PlacedChannel) -> list[str]:
+def _channel(placed: PlacedChannel, portable: bool) -> list[str]:
     a = placed.address
+    target = f"  <target{_attrs(type='virtio', name=placed.channel.target_name)}/>"
+    if portable and placed.channel.address is None:
+        return ["<channel type='spicevmc'>", target, "</channel>"]
     return [
         "<channel type='spicevmc'>",
-        f"  <target{_attrs(type='virtio', name=placed.channel.target_name)}/>",
+        target,
         f"  <address type='virtio-serial' controller='{a.controller}' bus='{a.bus}' "
         f"port='{a.port}'/>",
         "</channel>",
     ]
 
 
-def device_lines(lay: Layout) -> list[str]:
-    """The elements for ``<devices>``, without indentation."""
+def device_lines(lay: Layout, portable: bool = False) -> list[str]:
+    """The elements for ``<devices>``, without indentation.
+
+    ``portable``: leave out what libvirt assigns by itself against the rest of
+    the domain (USB ports, the virtio-serial controller and ports), so the
+    output also fits a domain that already uses USB port 1 ("Duplicate USB
+    address bus 0 port 1") or has a virtio-serial controller ("Multiple
+    'virtio-serial' controllers with index '0'").
+    """
     ccid = [ln for ctl in sorted(lay.controllers, key=lambda c: c.index)
-            for ln in _controller(ctl)]
-    serial = [f"<controller type='virtio-serial' index='{i}'/>" for i in lay.virtio_serial]
+            for ln in _controller(ctl, portable)]
+    serial = [] if portable else [
+        f"<controller type='virtio-serial' index='{i}'/>" for i in lay.virtio_serial]
     # libvirt adds the virtio-serial controller (for the channels) before the ccid one
     listed = any(ctl.line for ctl in lay.controllers)
     lines = ccid + serial if listed else serial + ccid
     if lay.libvirt_card is not None:
         lines += _smartcard(lay.libvirt_card)
     for ch in lay.channels:
-        lines += _channel(ch)
+        lines += _channel(ch, portable)
     return lines
 
 
@@ -152,9 +165,9 @@ def commandline_lines(lay: Layout, version: QemuVersion) -> list[str]:
     ]
 
 
-def render(lay: Layout, version: QemuVersion) -> str:
-    """What ``ccidbridge libvirt`` prints."""
-    devices = [INDENT + line for line in device_lines(lay)]
+def render(lay: Layout, version: QemuVersion, portable: bool = False) -> str:
+    """What ``ccidbridge libvirt [--portable]`` prints."""
+    devices = [INDENT + line for line in device_lines(lay, portable)]
     extra = commandline_lines(lay, version)
     if not extra:
         return "\n".join(devices) + "\n"

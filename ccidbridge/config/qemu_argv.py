@@ -149,14 +149,11 @@ def chardev_arg(chardev: Chardev, alias: str, spice_name: str,
         assert src is not None
         props += [("host", src.host), ("port", src.service)]
         local = chardev.source_for("bind")
-        if local is not None:
-            if local.host:
-                props.append(("localaddr", local.host))
-            if local.service:
-                props.append(("localport", local.service))
+        props += [("localaddr", (local and local.host) or ""),
+                  ("localport", (local and local.service) or "0")]
     elif kind in ("file", "pipe", "dev"):
         assert src is not None
-        backend = "tty" if kind == "dev" else kind
+        backend = "serial" if kind == "dev" else kind
         props.append(("path", src.path))
         if kind == "file" and src.append is not None:
             props.append(("append", src.append))
