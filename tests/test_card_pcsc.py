@@ -483,6 +483,41 @@ def test_hung_card_recheck_and_back(test_card, bridge: Bridge) -> None:  # noqa:
     assert send(bc, sink, 5, "8010000800")[2] == pattern(8) + b"\x90\x00"
 
 
+def test_recheck_resets_a_card_that_ended_in_an_error(
+    test_card,  # noqa: ANN001
+    bridge: Bridge,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hung exchange that finally fails (a mute card; a real reader's own timeout):
+    the probe resets the card and serves it again.  SCardTransmit is wrapped to hang
+    on INS EE and then fail, which vpcd cannot do by itself."""
+    card = test_card("dual", process=False)
+    entered, release = threading.Event(), threading.Event()
+    real = scard.SCardTransmit
+
+    def transmit(h: int, proto: int, apdu: list[int]) -> list[Any]:
+        if apdu[1] == 0xEE:
+            entered.set()
+            assert release.wait(WAIT)
+            return [scard.SCARD_E_NOT_TRANSACTED, []]
+        return real(h, proto, apdu)
+
+    monkeypatch.setattr(scard, "SCardTransmit", transmit)
+    bc, sink = bridge(name=card.reader)
+    sink.wait("inserted")
+    assert send(bc, sink, 1, "002000000431323334")[2] == b"\x90\x00"
+    mark = sink.mark()
+    bc.transmit(2, bytes.fromhex("00EE0000"))
+    assert entered.wait(WAIT)  # the worker is "stuck" in it
+    bc.recheck()
+    release.set()
+    (_, _, resp, err), _ = sink.wait("done", mark, lambda c: c[1] == 2)
+    assert (resp, err) == (None, "SCARD_E_NOT_TRANSACTED (0x80100016)")
+    (_, atr, _), _ = sink.wait("inserted", mark)
+    assert atr == card.atr and not sink.of("removed")
+    assert send(bc, sink, 3, "0020000000")[2] == b"\x63\xc3"  # reset: PIN not verified
+
+
 def test_stop_returns_with_worker_stuck(test_card) -> None:  # noqa: ANN001
     card = test_card("dual")
     bc, sink = PcscCard(ReaderSpec(name=card.reader)), RecordingSink()

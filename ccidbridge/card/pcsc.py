@@ -229,11 +229,21 @@ class _Emitter:
         self._sink: CardSink | None = sink
         self._lock = threading.RLock()
         self._said: set[str] = set()
+        #: the seq of the worker's last apdu_done (what it last answered)
+        self.last_seq: int | None = None
 
     def done(self, seq: int, response: bytes | None, error: str | None) -> None:
+        """The worker's answer."""
         with self._lock:
+            self.last_seq = seq
             if self._sink is not None:
                 self._sink.apdu_done(seq, response, error)
+
+    def refuse(self, seq: int, error: str) -> None:
+        """An answer from outside the worker (recheck()): leaves ``last_seq`` alone."""
+        with self._lock:
+            if self._sink is not None:
+                self._sink.apdu_done(seq, None, error)
 
     def inserted(self, atr: bytes, reader: str) -> None:
         with self._lock:
@@ -308,7 +318,7 @@ class PcscCard:
     def transmit(self, seq: int, apdu: bytes) -> None:
         if self._suspended:
             if self._emit is not None:
-                self._emit.done(seq, None, NOT_ANSWERING)
+                self._emit.refuse(seq, NOT_ANSWERING)
             return
         self._queue.put((seq, apdu))
 
@@ -361,7 +371,7 @@ class PcscCard:
                 break
             if item[0].__class__ is int:
                 if self._emit is not None:
-                    self._emit.done(item[0], None, error)  # type: ignore[arg-type]
+                    self._emit.refuse(item[0], error)  # type: ignore[arg-type]
             else:
                 keep.append(item)
         for item in keep:
@@ -393,6 +403,8 @@ class _Worker:
         self.broken = False
         self.retry_at: float | None = None
         self.retry_delay = BACKOFF_FIRST
+        #: seq of the last APDU that failed (compared with emit.last_seq by the probe)
+        self.failed_seq: int | None = None
         self.thread = threading.Thread(target=self.run, name="ccidbridge-pcsc-card", daemon=True)
 
     # -- loop ---------------------------------------------------------------------------
@@ -432,7 +444,7 @@ class _Worker:
         self.emit.notice(
             f"card worker: unexpected {type(exc).__name__} (please report)", logging.ERROR
         )
-        if head.__class__ is int:
+        if head.__class__ is int and self.emit.last_seq != head:
             with contextlib.suppress(Exception):
                 self.emit.done(head, None, f"internal error ({type(exc).__name__})")  # type: ignore[arg-type]
 
@@ -464,7 +476,7 @@ class _Worker:
         elif op == _DETACH:
             self.want = None
             self.broken = False
-            self.retry_at = None
+            self.retry_at, self.retry_delay = None, BACKOFF_FIRST
             self._drop(str(arg))
         elif op == _POKE:
             if self.h is None and self.want is not None and not self.broken:
@@ -473,7 +485,7 @@ class _Worker:
             self._probe()
         elif op == _SERVICE:
             self.want = None
-            self.retry_at = None
+            self.retry_at, self.retry_delay = None, BACKOFF_FIRST
             self._drop(str(arg))
             self._release_ctx()
 
@@ -566,6 +578,7 @@ class _Worker:
 
     def _apdu_failed(self, seq: int, hr: int) -> None:
         """Answer the APDU first, then deal with the card (slow path)."""
+        self.failed_seq = seq
         if hr == OK:
             # rv=0 with an empty response: the card crashed (gotcha 11).
             self.emit.done(seq, None, NO_SW)
@@ -590,12 +603,15 @@ class _Worker:
             if st in HANDLED:
                 self._after_error(st)
 
-    def _reconnect_after_reset(self) -> None:
-        """Another program reset the card: SCardReconnect(LEAVE_CARD), report the ATR again."""
+    def _reconnect_after_reset(self, init: int = LEAVE) -> None:
+        """Another program reset the card: SCardReconnect(LEAVE_CARD), report the ATR again.
+
+        With ``init=SCARD_RESET_CARD`` (the probe's revival) we reset it ourselves.
+        """
         h = self.h
         if h is None:
             return
-        hr, proto = scard.SCardReconnect(h, self.share, self.protocols, LEAVE)
+        hr, proto = scard.SCardReconnect(h, self.share, self.protocols, init)
         if hr == OK:
             hr, _n, _s, _p, atr = scard.SCardStatus(h)
         if hr != OK:
@@ -635,11 +651,19 @@ class _Worker:
     # -- recheck ------------------------------------------------------------------------
 
     def _probe(self) -> None:
-        """After recheck(): the worker is free again; if the card answers, serve it again."""
+        """After recheck(): the worker is free again; if the card answers, serve it again.
+
+        If the exchange the runtime gave up on ended in an error, the card is mute
+        rather than slow: reset it (SCardReconnect with SCARD_RESET_CARD).  The guest
+        was already told the card is gone, so to it this is just a re-insertion.
+        """
         self.served = False
         if self.h is None:
             if self.want is not None and not self.broken:
                 self._connect()
+            return
+        if self.failed_seq is not None and self.failed_seq == self.emit.last_seq:
+            self._reconnect_after_reset(scard.SCARD_RESET_CARD)
             return
         hr, _n, _s, _p, atr = scard.SCardStatus(self.h)
         if hr == OK:
@@ -705,6 +729,8 @@ class _Monitor:
 
     def cancel_and_join(self, timeout: float) -> None:
         """SCardCancel until the thread ends (a cancel can land before the call starts)."""
+        if self.thread is threading.current_thread():  # stop() from a notice() callback
+            return
         deadline = time.monotonic() + timeout
         while self.thread.is_alive() and time.monotonic() < deadline:
             with self._ctx_lock:
