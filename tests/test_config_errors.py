@@ -135,6 +135,9 @@ def test_libvirt_error_caught_with_line(case: str) -> None:
      "allowed: <address>"),
     (b"<ccidbridge><smartcard mode='host'/>\n<smartcard mode='host'><address type='ccid' "
      b"controller='0'/></smartcard></ccidbridge>", 2, "only the first"),
+    (b"<ccidbridge><smartcard mode='passthrough' type='unix'><source path='/s'/></smartcard>\n"
+     b"<smartcard mode='passthrough' type='unix'><source path='/s'/></smartcard></ccidbridge>",
+     2, "each card needs its own socket"),
     (b"<ccidbridge><smartcard mode='host'/>\n<smartcard mode='passthrough' type='spicevmc'/>"
      b"</ccidbridge>", 2, "tcp or unix"),
     (b"<ccidbridge>\n<smartcard mode='host-certificates'><database>/d</database>" + b"<certificate>"

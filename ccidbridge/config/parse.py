@@ -552,6 +552,17 @@ def _check_devices(r: _Reader, devices: Devices) -> None:
             raise r.fail_at(card.line, f"an extra <smartcard> cannot be type='{kind}': SPICE "
                             "has one smartcard channel, and only the first <smartcard> is "
                             "libvirt's; use tcp or unix for the extra cards")
+    endpoints: dict[tuple[str | None, ...], int] = {}
+    for card in devices.smartcards:
+        src = card.chardev.source if card.chardev else None
+        if src is None or card.chardev is None or card.chardev.type not in ("tcp", "unix"):
+            continue
+        key = (card.chardev.type, src.host, src.service, src.path)
+        if key in endpoints:
+            where = src.path or f"{src.host}:{src.service}"
+            raise r.fail_at(src.line, f"{where} is already the chardev of the <smartcard> on "
+                            f"line {endpoints[key]}; each card needs its own socket")
+        endpoints[key] = card.line
     vs_ports: dict[tuple[int, int, int], int] = {}
     for ch in devices.channels:
         if ch.address is not None:
