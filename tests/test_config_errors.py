@@ -159,7 +159,7 @@ def test_missing_file_and_cli_exit_status(tmp_path, capsys) -> None:
     for command in ("check", "libvirt", "qemu-argv"):
         assert main([command, str(bad)]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"{bad}:2: " in err, err
+        assert err.count("\n") == 1 and err.startswith(f"{bad}:2: "), err
     assert main(["check", str(missing)]) == 2
     assert "Traceback" not in capsys.readouterr().err
 

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"ccidbridge: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
     served = config.served_cards()
     unserved = config.unserved()

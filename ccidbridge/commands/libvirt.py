@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"ccidbridge: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
     sys.stdout.write(render(layout(config.devices), version_of(args), portable=args.portable))
     return 0

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"ccidbridge: {exc}", file=sys.stderr)
+        print(exc, file=sys.stderr)
         return 2
     sys.stdout.write(render(layout(config.devices), version_of(args), add_usb=args.usb))
     return 0

@@ -371,7 +371,9 @@ def _check_sources(r: _Reader, node: etree._Element, kind: str,
                 required = ("host", "service")
             for attr in required:
                 if not getattr(s, attr):
-                    raise r.fail_at(s.line, f"<source> of type='{kind}' needs {attr}= "
+                    hint = ("an address, e.g. host='127.0.0.1'" if attr == "host"
+                            else "a port 1-65535, e.g. service='2001'")
+                    raise r.fail_at(s.line, f"<source> of type='{kind}' needs {attr}=: {hint} "
                                     f"(libvirt: Missing source {attr} attribute for char device)")
             if s.service is not None:
                 _port(r, s)
