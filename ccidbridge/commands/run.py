@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             config = load(path)
         except ConfigError as exc:
-            print(f"ccidbridge: {exc}", file=sys.stderr)
+            print(exc, file=sys.stderr)
             return 2
         for label, reason in config.unserved():
             logging.getLogger("ccidbridge").warning("not serving %s: %s", label, reason)
