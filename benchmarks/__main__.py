@@ -52,7 +52,8 @@ def _dist_head() -> str:
 def report_apdu(r: dict) -> tuple[list[str], bool]:
     lines, ok = [], True
     for label, res in r.items():
-        lines.append(f" {label} socket ({'card: ' + label.split()[0]})")
+        mode, card, sock = label.split()
+        lines.append(f" {sock} socket, card {card}, scheduling {mode}")
         lines.append(_dist_head())
         for name in ("bridged", "direct", "socket floor", "floor", "relay"):
             lines.append(_dist_row(name, res["stats"][name]))
@@ -156,10 +157,7 @@ def _codec() -> dict:
 
 
 ITEMS: dict[str, tuple[Callable[[bool], dict], Callable[[dict], tuple[list[str], bool]]]] = {
-    "apdu": (
-        lambda q: _with_stack(lambda st: apdu.run_apdu(st, *((4, 150) if q else (10, 300)))),
-        report_apdu,
-    ),
+    "apdu": (lambda q: apdu.run_apdu(*((4, 150) if q else (10, 300))), report_apdu),
     "overhead": (lambda q: apdu.run_overhead(*((4, 150) if q else (10, 300))), report_overhead),
     "events": (lambda q: lifecycle.run_events(4 if q else 10), report_events),
     "recovery": (lambda q: lifecycle.run_recovery(2 if q else 5), report_recovery),
@@ -170,13 +168,6 @@ ITEMS: dict[str, tuple[Callable[[bool], dict], Callable[[dict], tuple[list[str],
     ),
     "codec": (lambda q: _codec(), report_codec),
 }
-
-
-def _with_stack(fn: Callable) -> dict:
-    from ccidbridge.lab.pcsc import PcscStack
-
-    with PcscStack(2, debug=False) as stack:
-        return fn(stack)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -273,6 +273,29 @@ class Peer:
                 os.unlink(self.path)
 
 
+@contextlib.contextmanager
+def pinned(cpu: int | None) -> Iterator[str]:
+    """Run this process (and every process and thread it starts meanwhile:
+    pcscd, cards, bridges, servers) on one CPU, or leave scheduling free.
+
+    Why: on a small VM, a round trip between two processes is bimodal —
+    about 10 µs when the scheduler keeps them on one CPU, 45-60 µs when the
+    wake-up crosses CPUs — and which mode a block of samples lands in is luck,
+    so free-running medians swing by 4x between runs.  Pinned, the figures
+    measure work and context switches, and ratios are stable; free, they
+    show what the scheduler makes of it.  Yields the mode's label.
+    """
+    if cpu is None:
+        yield "free"
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield f"cpu{cpu}"
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def workdir() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="ccidbridge-bench-")
 

@@ -104,10 +104,8 @@ def run_events(cycles: int = 10) -> dict[str, object]:
         obs.ready.wait(5)
         peer = Peer("unix", tmp)
         try:
-            kids.append(
-                spawn("bridge", ["-m", "benchmarks.servers", "bridge", "--endpoint", peer.arg,
-                                 "--reader", reader])  # fmt: skip
-            )
+            args = ["--endpoint", peer.arg, "--reader", reader]
+            kids.append(spawn("bridge", ["-m", "benchmarks.servers", "bridge", *args]))
             peer.accept()
             peer.pump_until(_has(3))  # ReaderAdd: the bridge is up, no card yet
             card = None

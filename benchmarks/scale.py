@@ -59,9 +59,7 @@ def _bridge(kids: list[Child], peers: list[Peer], readers: list[str]) -> Child:
     return kid
 
 
-def _measure(
-    readers: list[str], rounds: int, block: int, busy_apdus: int
-) -> dict[str, object]:
+def _measure(readers: list[str], rounds: int, block: int, busy_apdus: int) -> dict[str, object]:
     """Phases, alternating every round: a bridge serving one card, then a bridge
     serving 16 (pcscd lists at most 16 readers, so the two cannot run side by side)."""
     frame = apdu_frame(GET_CHALLENGE)

@@ -1,7 +1,12 @@
 """One served card: the session, its card side and its connection to QEMU.
 
 Everything here runs on the event loop, except the card side's own threads,
-whose reports arrive through :class:`_LoopSink` (``call_soon_threadsafe``).
+whose reports arrive through :class:`_LoopSink` (``call_soon_threadsafe``)
+— with one exception, the APDU answer: the card side's thread writes it to
+the socket itself (:meth:`CardBridge.answer_now`), because a hop through the
+event loop (self-pipe write, loop wake-up, one more loop iteration) cost about
+as much as everything else the bridge does per APDU (benchmarks, issue 6).
+That is why the session and the socket writes are guarded by a lock.
 The socket is always drained, even while the card is busy: QEMU's chardev
 writes block its main loop when the peer stops reading (qemu-passthru.md
 gotcha 12).
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 
 from ccidbridge.card.base import CardSide
@@ -26,11 +33,24 @@ SHUTDOWN_ACK_TIMEOUT = 1.0
 
 
 class _LoopSink:
-    """The CardSink handed to the card side: every call hops onto the loop."""
+    """The CardSink handed to the card side: every call hops onto the loop,
+    except an APDU answer that :meth:`CardBridge.answer_now` can write at once.
+
+    Calls made on the loop's own thread (a card side that answers
+    synchronously) use ``call_soon``: no self-pipe write, no wake-up.
+    """
 
     def __init__(self, bridge: CardBridge, loop: asyncio.AbstractEventLoop) -> None:
         self._bridge = bridge
-        self._call = loop.call_soon_threadsafe
+        self._soon = loop.call_soon
+        self._threadsafe = loop.call_soon_threadsafe
+        self._loop_thread = threading.get_ident()
+
+    def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+        if threading.get_ident() == self._loop_thread:
+            self._soon(fn, *args)
+        else:
+            self._threadsafe(fn, *args)
 
     def card_inserted(self, atr: bytes, reader: str) -> None:
         self._call(self._bridge.on_card_inserted, atr, reader)
@@ -39,7 +59,10 @@ class _LoopSink:
         self._call(self._bridge.on_card_removed, reason)
 
     def apdu_done(self, seq: int, response: bytes | None, error: str | None) -> None:
-        self._call(self._bridge.on_apdu_done, seq, response, error)
+        if threading.get_ident() == self._loop_thread:
+            self._soon(self._bridge.on_apdu_done, seq, response, error)
+        elif response is None or not self._bridge.answer_now(seq, response):
+            self._threadsafe(self._bridge.on_apdu_done, seq, response, error)
 
     def notice(self, message: str, level: int) -> None:
         self._call(self._bridge.log.log, level, "%s", message)
@@ -67,8 +90,20 @@ class CardBridge:
         self.link = Link(served.endpoint, self, self.log)
         self._transport: asyncio.Transport | None = None
         self._timeout = served.reader.apdu_timeout
-        self._inflight: dict[int, tuple[float, bytes, asyncio.TimerHandle]] = {}
+        #: seq -> (loop.time() when sent to the card, APDU)
+        self._inflight: dict[int, tuple[float, bytes]] = {}
+        #: One timer for every APDU in flight (not one per APDU: answers that
+        #: arrive on the card side's thread cannot cancel loop timers).
+        self._watchdog: asyncio.TimerHandle | None = None
         self._hung = False
+        #: Guards the session and every write to the socket: the loop thread
+        #: and the card side's thread (answer_now) both use them.
+        self._lock = threading.Lock()
+        self._fd = -1  # the connection's socket, for answer_now
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Bytes answer_now could not write at once; the loop writes them (and
+        #: anything after them) in order.
+        self._backlog: bytearray | None = None
         self._done = asyncio.Event()
         self._trace = trace >= 1
         self._trace_data = trace >= 2
@@ -90,8 +125,9 @@ class CardBridge:
     async def stop(self) -> None:
         """SIGINT/SIGTERM: fail pending APDUs, CardRemove + ReaderRemove, wait
         briefly for QEMU's acks, then close."""
-        self.session.send(ev.Shutdown())
-        self._flush()
+        with self._lock:
+            self.session.send(ev.Shutdown())
+            self._flush()
         if self.session.state is not State.CLOSED:
             try:
                 await asyncio.wait_for(self._done.wait(), SHUTDOWN_ACK_TIMEOUT)
@@ -102,72 +138,155 @@ class CardBridge:
     # -- the connection (transport.Peer) ------------------------------------------
 
     def connection_up(self, transport: asyncio.Transport, peer: str) -> None:
-        self._transport = transport
-        self.log.info("connected to QEMU (%s)", peer)
-        self.connected.set()
-        self.session.send(ev.ConnectionOpened())
-        self._flush()
+        sock = transport.get_extra_info("socket")
+        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._transport = transport
+            self._fd = sock.fileno() if sock is not None else -1
+            self._backlog = None
+            self.log.info("connected to QEMU (%s)", peer)
+            self.connected.set()
+            self.session.send(ev.ConnectionOpened())
+            self._flush()
 
     def data(self, data: bytes) -> None:
-        session = self.session
-        session.receive_data(data)
-        self._flush()
+        with self._lock:
+            self.session.receive_data(data)
+            self._flush()
 
     def connection_down(self, reason: str) -> None:
         self.log.info("connection to QEMU closed (%s)", reason)
-        self._transport = None
-        self.connected.clear()
-        self.synchronized.clear()
-        for _, _, timer in self._inflight.values():
-            timer.cancel()
-        self._inflight.clear()
-        self.session.send(ev.ConnectionClosed())
-        self._flush()
+        with self._lock:
+            self._transport = None
+            self._fd = -1
+            self._backlog = None
+            self.connected.clear()
+            self.synchronized.clear()
+            self._inflight.clear()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+                self._watchdog = None
+            self.session.send(ev.ConnectionClosed())
+            self._flush()
 
     # -- the card (via _LoopSink) --------------------------------------------------
 
     def on_card_inserted(self, atr: bytes, reader: str) -> None:
         self._hung = False
         self.log.info("card in %r, ATR %s", reader, hexatr(atr))
-        self.session.send(ev.CardInserted(atr))
-        self._flush()
+        with self._lock:
+            self.session.send(ev.CardInserted(atr))
+            self._flush()
 
     def on_card_removed(self, reason: str) -> None:
         self.log.info("card gone: %s", reason)
-        self.session.send(ev.CardRemoved())
-        self._flush()
+        with self._lock:
+            self.session.send(ev.CardRemoved())
+            self._flush()
 
     def on_apdu_done(self, seq: int, response: bytes | None, error: str | None) -> None:
-        entry = self._inflight.pop(seq, None)
-        if entry is not None:
-            entry[2].cancel()
-            if self._trace:
-                self._log_answer(entry, response, error)
-        elif self._hung:
-            self.log.info("the card answered again after its timeout")
-        if response is not None and len(response) >= 2:
-            self.session.send(ev.ApduResponse(seq, response))
-        else:
-            self.session.send(ev.ApduFailed(seq, error or "no status word"))
-        self._flush()
+        """The answer, on the loop (a failure, a card side on the loop's thread,
+        or whatever :meth:`answer_now` left to the loop)."""
+        with self._lock:
+            entry = self._inflight.pop(seq, None)
+            if entry is not None:
+                if self._trace:
+                    self._log_answer(entry, response, error)
+            elif self._hung:
+                self.log.info("the card answered again after its timeout")
+            if response is not None and len(response) >= 2:
+                self.session.send(ev.ApduResponse(seq, response))
+            else:
+                self.session.send(ev.ApduFailed(seq, error or "no status word"))
+            self._flush()
 
-    def _apdu_timeout(self, seq: int) -> None:
-        if self._inflight.pop(seq, None) is None:
-            return
-        self.log.warning(
-            "the card did not answer within %gs: failing the APDU and reporting the card "
-            "removed until it answers again",
-            self._timeout,
-        )
-        self._hung = True
-        self.session.send(ev.ApduFailed(seq, "timeout"))
-        self.session.send(ev.CardRemoved())
-        self._flush()
-        self.card.recheck()
+    def answer_now(self, seq: int, response: bytes) -> bool:
+        """The hot path, on the card side's thread: hand ``response`` to the
+        session and write what it says straight to the socket.
+
+        Returns False, having changed nothing, when the loop must do it
+        instead (:meth:`on_apdu_done`): per-APDU tracing is on, the APDU is no
+        longer in flight (timed out, connection gone), the socket is closing,
+        or earlier bytes still wait to be written (order is everything).  Any
+        session events (rare: e.g. a long answer that gets chained) go to the
+        loop.  A partial write leaves the rest to the loop, in order.
+        """
+        if self._trace or len(response) < 2:
+            return False
+        with self._lock:
+            transport = self._transport
+            if (
+                transport is None
+                or self._loop is None
+                or self._fd < 0
+                or self._backlog is not None
+                or transport.is_closing()
+                or transport.get_write_buffer_size()
+                or self._inflight.pop(seq, None) is None
+            ):
+                return False
+            session = self.session
+            session.send(ev.ApduResponse(seq, response))
+            events = list(session.events())
+            out = session.data_to_send()
+            if out:
+                try:
+                    n = os.write(self._fd, out)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    n = len(out)  # the connection is going; the loop will see it close
+                if n < len(out):
+                    self._backlog = bytearray(out[n:])
+                    self._loop.call_soon_threadsafe(self._write_backlog)
+        if events:
+            self._loop.call_soon_threadsafe(self._late_events, events)
+        return True
+
+    def _write_backlog(self) -> None:
+        with self._lock:
+            backlog, self._backlog = self._backlog, None
+            if backlog and self._transport is not None:
+                self._transport.write(bytes(backlog))
+
+    def _late_events(self, events: list[object]) -> None:
+        with self._lock:
+            for event in events:
+                self._on_event(event)
+            self._flush()
+
+    def _check_timeouts(self) -> None:
+        """The watchdog: fail every APDU the card has sat on for ``apdu_timeout``
+        seconds, then sleep until the next one would be due."""
+        self._watchdog = None
+        loop = asyncio.get_running_loop()
+        expired = False
+        with self._lock:
+            now = loop.time()
+            for seq, (started, _) in list(self._inflight.items()):
+                if now - started < self._timeout - 0.001:
+                    continue
+                del self._inflight[seq]
+                expired = True
+                self.log.warning(
+                    "the card did not answer within %gs: failing the APDU and reporting the card "
+                    "removed until it answers again",
+                    self._timeout,
+                )
+                self._hung = True
+                self.session.send(ev.ApduFailed(seq, "timeout"))
+                self.session.send(ev.CardRemoved())
+            self._flush()
+            if self._inflight:
+                oldest = min(started for started, _ in self._inflight.values())
+                self._watchdog = loop.call_at(oldest + self._timeout, self._check_timeouts)
+        if expired:
+            self.card.recheck()
 
     # -- session output ------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Act on the session's events and write its output.  Holds ``_lock``."""
         session = self.session
         for event in session.events():
             if type(event) is ev.TransmitApdu:
@@ -176,17 +295,21 @@ class CardBridge:
                 self._on_event(event)
         out = session.data_to_send()
         if out and self._transport is not None:
-            self._transport.write(out)
+            if self._backlog is not None:
+                self._backlog += out
+            else:
+                self._transport.write(out)
 
     def _transmit(self, event: ev.TransmitApdu) -> None:
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(self._timeout, self._apdu_timeout, event.seq)
-        self._inflight[event.seq] = (time.perf_counter() if self._trace else 0.0, event.apdu, timer)
+        self._inflight[event.seq] = (loop.time(), event.apdu)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._timeout, self._check_timeouts)
         self.card.transmit(event.seq, event.apdu)
 
     def _log_answer(self, entry: tuple, response: bytes | None, error: str | None) -> None:
-        started, apdu, _ = entry
-        ms = (time.perf_counter() - started) * 1000
+        started, apdu = entry
+        ms = (time.monotonic() - started) * 1000
         command = apdulog.describe_command(apdu, self._trace_data)
         if response is not None:
             answer = apdulog.describe_response(response, self._trace_data, apdu)
