@@ -1,0 +1,275 @@
+"""The whole bridge on real components: pcscd + vpcd cards (ours and Debian's
+vicc) behind it, the QEMU twin peer or real QEMU 7.2 in front of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from smartcard import scard
+
+from ccidbridge.card.pcsc import PcscCard
+from ccidbridge.config.model import ReaderSpec, Share
+from ccidbridge.lab.device_peer import DevicePeer
+from ccidbridge.lab.vpcd_card import ATR_PRESETS
+from ccidbridge.protocol.atr import announce_t0
+from ccidbridge.protocol.device import Outcome
+from tests.bridgeharness import RunningBridge, served_card
+
+pytestmark = pytest.mark.stack
+
+SELECT_FILE = bytes.fromhex("00A4020C020101")
+APDUS = [
+    bytes.fromhex("00A4040C07A0000000030000"),  # SELECT by AID
+    SELECT_FILE,
+    bytes.fromhex("00B0000010"),  # READ BINARY 16
+    bytes.fromhex("0084000008"),  # GET CHALLENGE (deterministic on our card)
+    bytes.fromhex("8010000000"),  # ECHO, no data
+    bytes.fromhex("80100000020102FF"),
+    bytes.fromhex("8012698200"),  # chosen status word 6982
+    bytes.fromhex("00EE000000"),  # unknown INS
+]
+
+
+def direct_transmit(reader: str, apdus: list[bytes]) -> list[bytes]:
+    """The same APDUs straight through pyscard (shared, T0|T1, leave the card)."""
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert hr == 0
+    try:
+        hr, card, proto = scard.SCardConnect(
+            ctx, reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
+        )
+        assert hr == 0, scard.SCardGetErrorMessage(hr)
+        out = []
+        for apdu in apdus:
+            hr, resp = scard.SCardTransmit(card, proto, list(apdu))
+            assert hr == 0
+            out.append(bytes(resp))
+        scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
+        return out
+    finally:
+        scard.SCardReleaseContext(ctx)
+
+
+def bridge_to_peer(
+    peer: DevicePeer, reader: str, share: Share = Share.EXCLUSIVE, **kw
+) -> RunningBridge:
+    spec = ReaderSpec(name=reader, share=share, **kw)
+    return RunningBridge(served_card(peer.endpoint, spec), PcscCard(spec))
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_every_response_equals_a_direct_transmit(test_card, tmp_path, kind) -> None:
+    card = test_card("dual")
+    expected = direct_transmit(card.reader, APDUS)
+    card.restart()  # same deterministic card state for the bridged run
+    with DevicePeer(kind, path=str(tmp_path / "q.sock")) as peer, bridge_to_peer(peer, card.reader):
+        peer.wait_card(True)
+        got = [peer.guest(apdu).data for apdu in APDUS]
+    assert got == expected
+
+
+def test_vicc_smoke_atr_rewritten_and_apdus_relayed(vicc_card, tmp_path) -> None:
+    with (
+        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, vicc_card.reader) as bridge,
+    ):
+        peer.wait_card(True)
+        vicc_atr = ATR_PRESETS["vicc"]
+        assert peer.device.atr == announce_t0(vicc_atr) != vicc_atr
+        bridge.wait_log("rewrite-atr='no'")
+        answer = peer.guest(bytes.fromhex("0084000008"))
+        assert answer.outcome is Outcome.RESPONSE
+        assert len(answer.data) == 10 and answer.data[-2:] == b"\x90\x00"
+        assert peer.guest(bytes.fromhex("00A4000C023F00")).data == b"\x90\x00"
+
+
+def test_removal_and_insertion_reach_the_peer(test_card, tmp_path) -> None:
+    card = test_card("dual")
+    with (
+        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, card.reader),
+    ):
+        peer.wait_card(True)
+        card.remove()
+        peer.wait_card(False, timeout=3)
+        card.insert()
+        peer.wait_card(True, timeout=3)
+        assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+
+
+def test_exclusive_locks_out_other_host_programs_and_shared_does_not(test_card, tmp_path) -> None:
+    card = test_card("dual")
+
+    def other_program_connect() -> int:
+        hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        hr, handle, _ = scard.SCardConnect(
+            ctx,
+            card.reader,
+            scard.SCARD_SHARE_SHARED,
+            scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+        )
+        if hr == 0:
+            scard.SCardDisconnect(handle, scard.SCARD_LEAVE_CARD)
+        scard.SCardReleaseContext(ctx)
+        return hr
+
+    for share, expected in ((Share.EXCLUSIVE, scard.SCARD_E_SHARING_VIOLATION), (Share.SHARED, 0)):
+        with (
+            DevicePeer("unix", path=str(tmp_path / f"{share.value}.sock")) as peer,
+            bridge_to_peer(peer, card.reader, share),
+        ):
+            peer.wait_card(True)
+            assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+            assert other_program_connect() == expected
+            assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+
+
+def test_long_response_reaches_the_guest_through_get_response(test_card, tmp_path) -> None:
+    card = test_card("dual")
+    command = bytes.fromhex("80100000" + "0003E8")  # ECHO with extended Le 1000
+    (expected,) = direct_transmit(card.reader, [command])
+    assert len(expected) == 1002
+    with (
+        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, card.reader),
+    ):
+        peer.wait_card(True)
+        answer = peer.guest(command)
+        data, sw = answer.data[:-2], answer.data[-2:]
+        while sw[0] == 0x61:
+            answer = peer.guest(b"\x00\xc0\x00\x00" + sw[1:])
+            assert len(answer.data) <= 374
+            data, sw = data + answer.data[:-2], answer.data[-2:]
+    assert data + sw == expected
+    assert not any(a.outcome is Outcome.DROPPED for a in peer.device.answers)
+
+
+def test_crash_mid_apdu_fails_it_at_once_then_removes_the_card(test_card, tmp_path) -> None:
+    card = test_card("dual", ["crash=B0"])
+    with (
+        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, card.reader),
+    ):
+        peer.wait_card(True)
+        t0 = time.monotonic()
+        answer = peer.guest(bytes.fromhex("00B0000010"))
+        assert answer.outcome is Outcome.FAILED
+        assert time.monotonic() - t0 < 1.0
+        peer.wait_card(False, timeout=3)
+
+
+def test_hung_card_times_out_then_comes_back(test_card, tmp_path) -> None:
+    card = test_card("dual")
+    with (
+        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, card.reader, apdu_timeout=0.5) as bridge,
+    ):
+        peer.wait_card(True)
+        card.sigstop()
+        try:
+            t0 = time.monotonic()
+            answer = peer.guest(SELECT_FILE, timeout=5)
+            took = time.monotonic() - t0
+            assert answer.outcome is Outcome.FAILED
+            assert 0.4 < took < 2.0, took
+            peer.wait_card(False, timeout=2)
+            bridge.wait_log("did not answer within")
+        finally:
+            card.sigcont()
+        peer.wait_card(True, timeout=5)
+        assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+
+
+def test_pcscd_restart_is_recovered_and_the_atr_sent_again(pcsc_stack, test_card, tmp_path) -> None:
+    card = test_card("dual")
+    with (
+        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, card.reader),
+    ):
+        peer.wait_card(True)
+        atrs_before = sum(1 for f in peer.device.received if f[0] == 5)
+        pcsc_stack.restart(reinsert=True)
+        peer.wait(
+            lambda d: d.card_present and sum(1 for f in d.received if f[0] == 5) > atrs_before,
+            timeout=10,
+            what="the ATR again after pcscd's restart",
+        )
+        assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+
+
+def test_pin_data_never_reaches_the_log(test_card, tmp_path) -> None:
+    card = test_card("dual")
+    verify = bytes.fromhex("002000800431323334")
+    change = bytes.fromhex("002400800831323334" + "35363738")
+    with (
+        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, card.reader) as bridge,
+    ):  # trace=2: data of other commands
+        peer.wait_card(True)
+        assert peer.guest(verify).data == b"\x90\x00"
+        peer.guest(change)
+        peer.guest(bytes.fromhex("80100000023132"))  # a non-PIN command with the same bytes
+        bridge.wait_log("INS 10")
+        text = bridge.text()
+    assert "INS 20" in text and "data redacted" in text
+    pin_lines = [line for line in text.splitlines() if "INS 20" in line or "INS 24" in line]
+    assert pin_lines and not any("3132" in line or "1234" in line for line in pin_lines)
+    assert "[3132]" in text  # the control: non-PIN data is shown at -vv
+
+
+def test_run_command_serves_a_config_and_says_goodbye_on_sigterm(test_card, tmp_path) -> None:
+    card = test_card("dual")
+    sock = tmp_path / "q.sock"
+    config = tmp_path / "vm.xml"
+    config.write_text(
+        f"""<ccidbridge>
+  <smartcard mode='passthrough' type='unix'>
+    <source mode='bind' path='{sock}'/>
+    <reader name='{card.reader}' timeout='5'/>
+  </smartcard>
+</ccidbridge>
+"""
+    )
+    with DevicePeer("unix", path=str(sock)) as peer:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ccidbridge", "run", "-vv", str(config)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            peer.wait_card(True, timeout=10)
+            verify = bytes.fromhex("002000800431323334")
+            assert peer.guest(verify).data == b"\x90\x00"
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        peer.wait_card(False, timeout=2)
+        types = [f[0] for f in peer.device.received]
+        assert types[-2:] == [6, 4], types  # CardRemove, then ReaderRemove
+    assert "Traceback" not in err
+    assert "31323334" not in err and "data redacted" in err
+    assert "APDU CLA 00 INS 20" in err
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path) -> None:
+    config = tmp_path / "bad.xml"
+    config.write_text("<ccidbridge>\n  <smartcard mode='bogus'/>\n</ccidbridge>\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccidbridge", "run", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"{config}:2:"), proc.stderr
+    assert "Traceback" not in proc.stderr
