@@ -19,6 +19,7 @@ from ccidbridge.lab.vpcd_card import ATR_PRESETS
 from ccidbridge.protocol.atr import announce_t0
 from ccidbridge.protocol.device import Outcome
 from tests.bridgeharness import RunningBridge, served_card
+from tests.pcschelp import direct_transmit
 
 pytestmark = pytest.mark.stack
 
@@ -33,26 +34,6 @@ APDUS = [
     bytes.fromhex("8012698200"),  # chosen status word 6982
     bytes.fromhex("00EE000000"),  # unknown INS
 ]
-
-
-def direct_transmit(reader: str, apdus: list[bytes]) -> list[bytes]:
-    """The same APDUs straight through pyscard (shared, T0|T1, leave the card)."""
-    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    assert hr == 0
-    try:
-        hr, card, proto = scard.SCardConnect(
-            ctx, reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
-        )
-        assert hr == 0, scard.SCardGetErrorMessage(hr)
-        out = []
-        for apdu in apdus:
-            hr, resp = scard.SCardTransmit(card, proto, list(apdu))
-            assert hr == 0
-            out.append(bytes(resp))
-        scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
-        return out
-    finally:
-        scard.SCardReleaseContext(ctx)
 
 
 def bridge_to_peer(

@@ -24,6 +24,13 @@ log = logging.getLogger("ccidbridge")
 RESTART_PAUSE = 1.0
 
 
+class CardLog(logging.LoggerAdapter):
+    """Every line about one card starts with its label (``vm.xml:3 smartcard0``)."""
+
+    def process(self, msg: object, kwargs: dict) -> tuple[str, dict]:
+        return f"{self.extra['label']}: {msg}", kwargs
+
+
 def default_card_factory(served: ServedCard) -> CardSide:
     from ccidbridge.card.pcsc import PcscCard
 
@@ -45,7 +52,7 @@ class Service:
         self.failed: dict[str, str] = {}
 
     async def _serve_one(self, served: ServedCard) -> None:
-        clog = logging.getLogger(f"ccidbridge.{served.label}")
+        clog = CardLog(logging.getLogger("ccidbridge.card"), {"label": served.label})
         while not self._stopping:
             bridge = CardBridge(served, self.card_factory(served), clog, trace=self.trace)
             self.bridges[served.label] = bridge
