@@ -40,8 +40,14 @@ test: setup
 	$(VENV)/bin/ruff check ccidbridge tests benchmarks
 	$(ISOLATED) $(VENV)/bin/pytest -q
 
+# Without READER: a private pcscd + vicc inside the namespace.  With READER:
+# the machine's own pcscd and the card in that reader (nothing isolated to hide it).
 demo: setup
-	$(ISOLATED) $(PY) -m ccidbridge.demo $(if $(READER),--reader '$(READER)')
+ifeq ($(READER),)
+	$(ISOLATED) $(PY) -m ccidbridge.demo
+else
+	$(PY) -m ccidbridge.demo --reader '$(READER)'
+endif
 
 bench: setup
 	$(ISOLATED) $(PY) -m benchmarks
