@@ -96,9 +96,14 @@ class CardBridge:
         #: arrive on the card side's thread cannot cancel loop timers).
         self._watchdog: asyncio.TimerHandle | None = None
         self._hung = False
-        #: Guards the session and every write to the socket: the loop thread
-        #: and the card side's thread (answer_now) both use them.
+        #: Guards the session: the loop thread and the card side's thread
+        #: (answer_now) both use it.
         self._lock = threading.Lock()
+        #: Guards socket writes and ``_backlog``, so bytes leave in the order the
+        #: session produced them.  Taken while holding ``_lock`` (never the other
+        #: way round); answer_now then lets ``_lock`` go before it writes, so the
+        #: loop can take the next request in while the answer is being written.
+        self._wlock = threading.Lock()
         self._fd = -1  # the connection's socket, for answer_now
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Bytes answer_now could not write at once; the loop writes them (and
@@ -141,9 +146,10 @@ class CardBridge:
         sock = transport.get_extra_info("socket")
         self._loop = asyncio.get_running_loop()
         with self._lock:
-            self._transport = transport
-            self._fd = sock.fileno() if sock is not None else -1
-            self._backlog = None
+            with self._wlock:
+                self._transport = transport
+                self._fd = sock.fileno() if sock is not None else -1
+                self._backlog = None
             self.log.info("connected to QEMU (%s)", peer)
             self.connected.set()
             self.session.send(ev.ConnectionOpened())
@@ -157,9 +163,10 @@ class CardBridge:
     def connection_down(self, reason: str) -> None:
         self.log.info("connection to QEMU closed (%s)", reason)
         with self._lock:
-            self._transport = None
-            self._fd = -1
-            self._backlog = None
+            with self._wlock:
+                self._transport = None
+                self._fd = -1
+                self._backlog = None
             self.connected.clear()
             self.synchronized.clear()
             self._inflight.clear()
@@ -206,22 +213,23 @@ class CardBridge:
 
         Returns False, having changed nothing, when the loop must do it
         instead (:meth:`on_apdu_done`): per-APDU tracing is on, the APDU is no
-        longer in flight (timed out, connection gone), the socket is closing,
-        or earlier bytes still wait to be written (order is everything).  Any
-        session events (rare: e.g. a long answer that gets chained) go to the
-        loop.  A partial write leaves the rest to the loop, in order.
+        longer in flight (timed out, connection gone) or the socket is
+        closing.  Any session events (rare: e.g. a long answer that gets
+        chained) go to the loop.  Bytes that cannot be written at once — the
+        transport still holds earlier ones, or the write was partial — are
+        left to the loop, in order (``_backlog``).
         """
         if self._trace or len(response) < 2:
             return False
-        with self._lock:
+        lock, wlock = self._lock, self._wlock
+        with lock:
             transport = self._transport
+            loop = self._loop
             if (
                 transport is None
-                or self._loop is None
+                or loop is None
                 or self._fd < 0
-                or self._backlog is not None
                 or transport.is_closing()
-                or transport.get_write_buffer_size()
                 or self._inflight.pop(seq, None) is None
             ):
                 return False
@@ -230,21 +238,30 @@ class CardBridge:
             events = list(session.events())
             out = session.data_to_send()
             if out:
-                try:
-                    n = os.write(self._fd, out)
-                except BlockingIOError:
-                    n = 0
-                except OSError:
-                    n = len(out)  # the connection is going; the loop will see it close
-                if n < len(out):
-                    self._backlog = bytearray(out[n:])
-                    self._loop.call_soon_threadsafe(self._write_backlog)
+                wlock.acquire()  # before letting the session go: keeps the order
+        if out:
+            try:
+                if self._backlog is None and not transport.get_write_buffer_size():
+                    try:
+                        n = os.write(self._fd, out)
+                    except BlockingIOError:
+                        n = 0
+                    except OSError:
+                        n = len(out)  # the connection is going; the loop will see it close
+                    out = out[n:]
+                if out:
+                    if self._backlog is None:
+                        self._backlog = bytearray()
+                        loop.call_soon_threadsafe(self._write_backlog)
+                    self._backlog += out
+            finally:
+                wlock.release()
         if events:
-            self._loop.call_soon_threadsafe(self._late_events, events)
+            loop.call_soon_threadsafe(self._late_events, events)
         return True
 
     def _write_backlog(self) -> None:
-        with self._lock:
+        with self._wlock:
             backlog, self._backlog = self._backlog, None
             if backlog and self._transport is not None:
                 self._transport.write(bytes(backlog))
@@ -295,10 +312,11 @@ class CardBridge:
                 self._on_event(event)
         out = session.data_to_send()
         if out and self._transport is not None:
-            if self._backlog is not None:
-                self._backlog += out
-            else:
-                self._transport.write(out)
+            with self._wlock:
+                if self._backlog is not None:
+                    self._backlog += out
+                else:
+                    self._transport.write(out)
 
     def _transmit(self, event: ev.TransmitApdu) -> None:
         loop = asyncio.get_running_loop()
