@@ -55,7 +55,7 @@ def report_apdu(r: dict) -> tuple[list[str], bool]:
         mode, card, sock = label.split()
         lines.append(f" {sock} socket, card {card}, scheduling {mode}")
         lines.append(_dist_head())
-        for name in ("bridged", "direct", "socket floor", "floor", "relay"):
+        for name in ("bridged", "direct", "socket floor", "floor", "relay", "session relay"):
             lines.append(_dist_row(name, res["stats"][name]))
         q = res["ratios"]
         met = q["bridged/floor median"] <= 1.10
@@ -65,6 +65,7 @@ def report_apdu(r: dict) -> tuple[list[str], bool]:
             f"   bridged/floor {q['bridged/floor median']:.2f} (p99 {q['bridged/floor p99']:.2f})"
             f" {'MET' if met else 'MISSED'}"
             f"   relay/floor {q['relay/floor median']:.2f} (p99 {q['relay/floor p99']:.2f})"
+            f"   session relay/floor {q['session relay/floor median']:.2f}"
         )
     return lines, ok
 
@@ -113,7 +114,11 @@ def report_recovery(r: dict) -> tuple[list[str], bool]:
         )
         lines.append(
             f"  {sock + ': kill -> QEMU listens':<36}{k['median_us'] / 1000:>11.1f}"
-            f"{'':>9}{k['n']:>5}"
+            f"{k['max_us'] / 1000 if 'max_us' in k else float('nan'):>9.1f}{k['n']:>5}"
+        )
+        lines.append(
+            "    per cycle (QEMU down s: listens -> acked ms): "
+            + ", ".join(f"{c['down_s']:.1f}: {c['listen_to_acked_ms']:.0f}" for c in res["cycles"])
         )
     return lines, ok
 
@@ -160,7 +165,10 @@ ITEMS: dict[str, tuple[Callable[[bool], dict], Callable[[dict], tuple[list[str],
     "apdu": (lambda q: apdu.run_apdu(*((4, 150) if q else (10, 300))), report_apdu),
     "overhead": (lambda q: apdu.run_overhead(*((4, 150) if q else (10, 300))), report_overhead),
     "events": (lambda q: lifecycle.run_events(4 if q else 10), report_events),
-    "recovery": (lambda q: lifecycle.run_recovery(2 if q else 5), report_recovery),
+    "recovery": (
+        lambda q: lifecycle.run_recovery(lifecycle.DOWN_TIMES_QUICK if q else lifecycle.DOWN_TIMES),
+        report_recovery,
+    ),
     "memory": (lambda q: lifecycle.run_memory(20_000 if q else 100_000), report_memory),
     "scale": (
         lambda q: scale.run_scale(*((2, 400, 640) if q else (4, 1600, 1600))),

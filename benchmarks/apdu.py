@@ -17,10 +17,13 @@ timing peer (QEMU's end, a real socket) -> bridge process -> pcscd -> vpcd
   round, same position), so it is a distribution too: what a bridge with
   zero cost of its own would measure;
 * ``relay`` (calibration): issue 6's minimal blocking relay — read a frame,
-  SCardTransmit, write the answer — serving card C.
+  SCardTransmit, write the answer — serving card C;
+* ``session relay`` (design probe): ccidbridge's BridgeSession driven by one
+  blocking thread that calls SCardTransmit itself, serving card D: what a
+  per-card APDU thread without event-loop and thread hand-offs would cost.
 
-Ratios: bridged/direct, bridged/floor (target <= 1.10 at the median) and
-relay/floor (the calibration the bridge must beat).
+Ratios: bridged/direct, bridged/floor (target <= 1.10 at the median),
+relay/floor (the calibration the bridge must beat) and session relay/floor.
 
 **Item 2, ``overhead``** — the same socket path with card time removed: the
 bridge with an :class:`~ccidbridge.card.instant.InstantCard` behind the
@@ -132,12 +135,21 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
     """Item 1 for one card kind and socket type; ``cards`` maps role -> reader."""
     frame = apdu_frame(GET_CHALLENGE)
     with workdir() as tmp, children() as kids, contextlib.ExitStack() as closers:
-        peers = {name: Peer(sock, tmp, name) for name in ("bridged", "socket floor", "relay")}
+        names = ("bridged", "socket floor", "relay", "session relay")
+        peers = {name: Peer(sock, tmp, name.replace(" ", "-")) for name in names}
         for p in peers.values():
             closers.callback(p.close)
         _serve(kids, peers["bridged"], "bridge", "--reader", cards["bridge"], handshake=True)
         _serve(kids, peers["socket floor"], "floor", handshake=False)
         _serve(kids, peers["relay"], "relay", "--reader", cards["relay"], handshake=False)
+        _serve(
+            kids,
+            peers["session relay"],
+            "session-relay",
+            "--reader",
+            cards["session relay"],
+            handshake=True,
+        )
         direct, close_direct = _direct(cards["direct"])
         closers.callback(close_direct)
         variants = {name: _timed(p, frame) for name, p in peers.items()}
@@ -148,6 +160,7 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
     raw["floor"] = with_floor(raw["direct"], raw["socket floor"])
     stats = {name: summary(v) for name, v in raw.items()}
     b, f, d, r = stats["bridged"], stats["floor"], stats["direct"], stats["relay"]
+    sr = stats["session relay"]
     ratios = {
         "bridged/direct median": b["median_us"] / d["median_us"],
         "bridged/direct p99": b["p99_us"] / d["p99_us"],
@@ -156,6 +169,8 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
         "relay/floor median": r["median_us"] / f["median_us"],
         "relay/floor p99": r["p99_us"] / f["p99_us"],
         "bridged/relay median": b["median_us"] / r["median_us"],
+        "session relay/floor median": sr["median_us"] / f["median_us"],
+        "session relay/floor p99": sr["p99_us"] / f["p99_us"],
     }
     return {"stats": stats, "ratios": ratios}
 
@@ -202,9 +217,10 @@ def run_apdu(
         r, b = (rounds, block) if cpu is not None else (rounds * 3, max(1, block // 3))
         with pinned(cpu) as mode, PcscStack(2, debug=False) as stack:
             for kind in CARDS:
-                readers, handles = insert_cards(stack, kind, 3)
+                readers, handles = insert_cards(stack, kind, 4)
                 try:
-                    cards = dict(zip(("bridge", "direct", "relay"), readers, strict=True))
+                    roles = ("bridge", "direct", "relay", "session relay")
+                    cards = dict(zip(roles, readers, strict=True))
                     for sock in SOCKETS:
                         results[f"{mode} {kind} {sock}"] = measure_apdu(cards, sock, r, b)
                 finally:

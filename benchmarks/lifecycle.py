@@ -8,11 +8,13 @@ change; the timing peer timestamps the read that carries the ATR frame
 per cycle.  pcscd's 400 ms presence poll delays both equally, so it cancels.
 
 **Item 4, ``recovery``** — real QEMU 7.2 (``ccid-card-passthru``, QEMU
-listening as with libvirt's ``mode='bind'``) is SIGKILLed and started again on
-the same socket.  Measured from the first moment the new QEMU listens (polled
-every 0.5 ms from this process) to the bridge's ``AtrAccepted`` debug log
-line arriving here (QEMU acked the ATR; the line travels through a pipe, so
-this errs on the late side).  Also reported: kill -> listening (QEMU's own start time).
+listening as with libvirt's ``mode='bind'``) is SIGKILLed and, after a pause
+that varies per cycle (:data:`DOWN_TIMES`, so every phase of the bridge's
+reconnect backoff is hit), started again on the same socket.  Measured from
+the first moment the new QEMU listens (polled every 0.5 ms from this
+process) to the bridge's ``AtrAccepted`` debug log line arriving here (QEMU
+acked the ATR; the line travels through a pipe, so this errs on the late
+side).  Also reported: kill -> listening (QEMU's own start time).
 
 **Item 5, ``memory``** — VmRSS of the bridge process (one real PC/SC card,
 Unix socket): idle after the handshake, after 10k APDUs, after 100k APDUs.
@@ -140,24 +142,36 @@ def _listening(kind: str, where: str | int) -> bool:
     return tcp_listening(where) if kind == "tcp" else unix_listening(where)  # type: ignore[arg-type]
 
 
-def run_recovery(cycles: int = 5, kinds: tuple[str, ...] = ("unix", "tcp")) -> dict[str, object]:
+#: How long QEMU stays dead in each recovery cycle (seconds after the kill,
+#: before the new QEMU is started; QEMU then needs ~0.2 s to listen).  Spread
+#: over the bridge's whole reconnect backoff (50 ms doubling to its cap), so
+#: the worst phase — QEMU back just after an attempt at the cap — is sampled.
+DOWN_TIMES = (0.0, 0.3, 0.6, 0.9, 1.3, 1.8, 2.4, 3.0)
+DOWN_TIMES_QUICK = (0.0, 1.3, 2.4)
+
+
+def run_recovery(
+    down_times: tuple[float, ...] = DOWN_TIMES, kinds: tuple[str, ...] = ("unix", "tcp")
+) -> dict[str, object]:
     from ccidbridge.lab.pcsc import PcscStack
-    from ccidbridge.lab.qemu import QemuPassthru, UnixEndpoint
 
     results: dict[str, object] = {}
     with PcscStack(1, debug=False) as stack:
         card = stack.insert_card(process=True)
         try:
             for kind in kinds:
-                results[kind] = _recovery_one(QemuPassthru, UnixEndpoint, kind, card.reader, cycles)
+                results[kind] = _recovery_one(kind, card.reader, down_times)
         finally:
             card.close()
     return results
 
 
-def _recovery_one(QemuPassthru, UnixEndpoint, kind: str, reader: str, cycles: int):  # noqa: N803
+def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict[str, object]:
+    from ccidbridge.lab.qemu import QemuPassthru, UnixEndpoint
+
     after_listen: list[float] = []
     kill_to_listen: list[float] = []
+    cycles: list[dict[str, float]] = []
     with workdir() as tmp, children() as kids:
         qemu = QemuPassthru(kind, workdir=tmp).start()
         ep = qemu.endpoint
@@ -171,12 +185,11 @@ def _recovery_one(QemuPassthru, UnixEndpoint, kind: str, reader: str, cycles: in
             )
             kids.append(bridge)
             bridge.wait_line("AtrAccepted", timeout=15)
-            for i in range(cycles):
+            for down in down_times:
                 qemu.kill()
                 t_kill = time.perf_counter()
                 bridge.wait_line("connection to QEMU closed", after=t_kill - 1, timeout=5)
-                # Let the bridge's backoff run a little, as after a real crash.
-                time.sleep(0.2 * (i % 3))
+                time.sleep(down)
                 seen: list[float] = []
                 stop = threading.Event()
 
@@ -192,15 +205,23 @@ def _recovery_one(QemuPassthru, UnixEndpoint, kind: str, reader: str, cycles: in
                 qemu = QemuPassthru(kind, endpoints=[ep], workdir=tmp).start()
                 poller.join(10)
                 stop.set()
-                t_sync = bridge.wait_line("AtrAccepted", after=t_kill)
+                t_sync = bridge.wait_line("AtrAccepted", after=t_kill, timeout=15)
                 t_listen = seen[0]
                 after_listen.append((t_sync - t_listen) * 1e9)
                 kill_to_listen.append((t_listen - t_kill) * 1e9)
+                cycles.append(
+                    {
+                        "down_s": down,
+                        "kill_to_listen_ms": (t_listen - t_kill) * 1000,
+                        "listen_to_acked_ms": (t_sync - t_listen) * 1000,
+                    }
+                )
         finally:
             qemu.kill()
     return {
         "QEMU listens -> ATR acked": summary(after_listen) | {"max_us": max(after_listen) / 1000},
-        "kill -> QEMU listens": summary(kill_to_listen),
+        "kill -> QEMU listens": summary(kill_to_listen) | {"max_us": max(kill_to_listen) / 1000},
+        "cycles": cycles,
     }
 
 

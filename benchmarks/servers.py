@@ -18,6 +18,12 @@ type and direction, each in a process of its own like ``ccidbridge run``:
     The calibration point of issue 6: a minimal blocking relay, one loop
     that reads a frame, calls SCardTransmit and writes the answer (no
     handshake, no session, no threads).
+``session-relay``
+    A design probe: ccidbridge's own sans-IO :class:`BridgeSession` (the
+    whole protocol: handshake, acks, sequencing, chaining) driven by one
+    blocking thread that also calls SCardTransmit — what the bridge would cost
+    with a per-card APDU thread and no event-loop or thread hand-off on the
+    APDU path.  No card events, no timeouts: not a product, a measurement.
 """
 
 from __future__ import annotations
@@ -103,6 +109,40 @@ def run_relay(endpoint: Endpoint, reader: str) -> None:
     scard.SCardReleaseContext(ctx)
 
 
+def run_session_relay(endpoint: Endpoint, reader: str) -> None:
+    from smartcard import scard
+
+    from ccidbridge.protocol import events as ev
+    from ccidbridge.protocol.session import BridgeSession
+
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert hr == 0, hex(hr)
+    protocols = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
+    hr, h, proto = scard.SCardConnect(ctx, reader, scard.SCARD_SHARE_EXCLUSIVE, protocols)
+    assert hr == 0, hex(hr)
+    atr = bytes(scard.SCardStatus(h)[4])
+    sock = connect(endpoint)
+    session = BridgeSession(reader_name=reader)
+    session.send(ev.ConnectionOpened())
+    session.send(ev.CardInserted(atr))
+    send, recv, transmit = sock.sendall, sock.recv, scard.SCardTransmit
+    transmit_type = ev.TransmitApdu
+    while True:
+        out = session.data_to_send()
+        if out:
+            send(out)
+        data = recv(65536)
+        if not data:
+            break
+        session.receive_data(data)
+        for event in session.events():
+            if type(event) is transmit_type:
+                hr, resp = transmit(h, proto, list(event.apdu))
+                session.send(ev.ApduResponse(event.seq, bytes(resp)))
+    scard.SCardDisconnect(h, scard.SCARD_LEAVE_CARD)
+    scard.SCardReleaseContext(ctx)
+
+
 def run_bridge(endpoints: list[Endpoint], readers: list[str], verbose: bool) -> int:
     from ccidbridge.card.instant import InstantCard
     from ccidbridge.runtime.service import Service, default_card_factory
@@ -130,7 +170,7 @@ def run_bridge(endpoints: list[Endpoint], readers: list[str], verbose: bool) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.servers")
-    p.add_argument("mode", choices=["bridge", "floor", "echo", "relay"])
+    p.add_argument("mode", choices=["bridge", "floor", "echo", "relay", "session-relay"])
     p.add_argument("--endpoint", action="append", required=True, help="unix:PATH or tcp:PORT")
     p.add_argument("--reader", action="append", default=[], help="PC/SC reader, or 'instant'")
     p.add_argument("-v", "--verbose", action="store_true", help="bridge: DEBUG log to stderr")
@@ -143,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             run_floor(endpoints[0])
         elif args.mode == "echo":
             run_echo(endpoints[0])
+        elif args.mode == "session-relay":
+            run_session_relay(endpoints[0], args.reader[0])
         else:
             run_relay(endpoints[0], args.reader[0])
     except (ConnectionError, KeyboardInterrupt):
