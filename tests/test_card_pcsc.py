@@ -519,6 +519,49 @@ def test_recheck_resets_a_card_that_ended_in_an_error(
     assert send(bc, sink, 3, "0020000000")[2] == b"\x63\xc3"  # reset: PIN not verified
 
 
+def test_refusals_do_not_deadlock_with_a_locking_sink(test_card) -> None:  # noqa: ANN001
+    """The runtime calls transmit() holding its lock, and its apdu_done on our worker's
+    thread takes that same lock.  A refusal (card not answering) must not wait for the
+    worker's sink call in progress."""
+    card = test_card("dual")
+    runtime_lock = threading.RLock()
+    entered = threading.Event()
+
+    class LockingSink(RecordingSink):
+        def apdu_done(self, seq: int, response: bytes | None, error: str | None) -> None:
+            if threading.current_thread().name == "ccidbridge-pcsc-card" and seq == 2:
+                entered.set()
+            with runtime_lock:
+                super().apdu_done(seq, response, error)
+
+    bc, sink = PcscCard(ReaderSpec(name=card.reader)), LockingSink()
+    bc.start(sink)
+    try:
+        sink.wait("inserted")
+        card.sigstop()
+        bc.transmit(2, bytes.fromhex("8010000800"))  # stuck
+        assert sink.quiet("done", 0, 0.2)
+        bc.recheck()
+        holding, finished = threading.Event(), threading.Event()
+
+        def runtime() -> None:  # the runtime's _flush(): transmit() under its lock
+            with runtime_lock:
+                holding.set()
+                if entered.wait(WAIT):  # the worker's late answer waits for our lock
+                    bc.transmit(3, b"\x80\x10\x00\x00\x08")  # refused at once
+                    finished.set()
+
+        threading.Thread(target=runtime, daemon=True).start()
+        assert holding.wait(WAIT)
+        card.sigcont()
+        assert finished.wait(2.0), "transmit() blocked: deadlock with the worker"
+        sink.wait("done", 0, lambda c: c[1] == 2)
+        sink.wait("inserted", 1)
+    finally:
+        card.sigcont()
+        bc.stop()  # bounded even if deadlocked (the emitter's close() times out)
+
+
 def test_stop_returns_with_worker_stuck(test_card) -> None:  # noqa: ANN001
     card = test_card("dual")
     bc, sink = PcscCard(ReaderSpec(name=card.reader)), RecordingSink()

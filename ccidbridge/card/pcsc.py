@@ -240,10 +240,17 @@ class _Emitter:
                 self._sink.apdu_done(seq, response, error)
 
     def refuse(self, seq: int, error: str) -> None:
-        """An answer from outside the worker (recheck()): leaves ``last_seq`` alone."""
-        with self._lock:
-            if self._sink is not None:
-                self._sink.apdu_done(seq, None, error)
+        """An answer on the caller's own thread (transmit()/recheck() while the card
+        is not answering).  Leaves ``last_seq`` alone.
+
+        Deliberately without the lock: the runtime calls transmit() while holding
+        its own lock, which the worker's apdu_done may be waiting for while *it*
+        holds ours (the runtime writes answers from our thread) — a deadlock.
+        Calls on the caller's thread cannot overlap its own stop() anyway.
+        """
+        sink = self._sink
+        if sink is not None:
+            sink.apdu_done(seq, None, error)
 
     def inserted(self, atr: bytes, reader: str) -> None:
         with self._lock:
@@ -277,8 +284,17 @@ class _Emitter:
             return False
 
     def close(self) -> None:
-        with self._lock:
+        """No sink call after this returns — after waiting (bounded) for one in progress.
+
+        Bounded, so a caller that holds the lock our sink call waits for (see
+        :meth:`refuse`) gets a slow stop() instead of a deadlock.
+        """
+        acquired = self._lock.acquire(timeout=STOP_JOIN)
+        try:
             self._sink = None
+        finally:
+            if acquired:
+                self._lock.release()
 
 
 # ---------------------------------------------------------------------------- the facade
