@@ -32,7 +32,13 @@ checked again with pcscd 1.9.9 for this module):
   SCARD_W_RESET_CARD on our next call, which we answer with SCardReconnect
   (LEAVE_CARD) and ``card_inserted`` again (qemu-passthru.md gotcha 13);
 * the event counter (high word of the event state) changes only on insertion
-  and removal, so a changed counter while present means "another card".
+  and removal, so a changed counter while present means "another card";
+* another program letting go of the card (EXCLUSIVE/INUSE cleared) does not
+  wake SCardGetStatusChange either, so a busy card is retried on a backoff
+  capped at 1 s (plus a poke when the monitor does see the state move);
+* the runtime writes APDU answers from our worker thread under its own lock and
+  calls transmit() under that lock: answers refused on the caller's thread take
+  no lock of ours (see :meth:`_Emitter.refuse`).
 
 Nothing here logs, least of all APDU contents (PINs travel in VERIFY etc.).
 """
