@@ -6,7 +6,8 @@ whose reports arrive through :class:`_LoopSink` (``call_soon_threadsafe``)
 the socket itself (:meth:`CardBridge.answer_now`), because a hop through the
 event loop (self-pipe write, loop wake-up, one more loop iteration) cost about
 as much as everything else the bridge does per APDU (benchmarks, issue 6).
-That is why the session and the socket writes are guarded by a lock.
+That is why the session and the socket writes are guarded by locks, and why
+the runtime never calls into the card side while holding them.
 The socket is always drained, even while the card is busy: QEMU's chardev
 writes block its main loop when the peer stops reading (qemu-passthru.md
 gotcha 12).
@@ -109,6 +110,8 @@ class CardBridge:
         #: Bytes answer_now could not write at once; the loop writes them (and
         #: anything after them) in order.
         self._backlog: bytearray | None = None
+        #: APDUs for the card side, handed over after ``_lock`` is released.
+        self._to_card: list[tuple[int, bytes]] = []
         self._done = asyncio.Event()
         self._trace = trace >= 1
         self._trace_data = trace >= 2
@@ -133,6 +136,8 @@ class CardBridge:
         with self._lock:
             self.session.send(ev.Shutdown())
             self._flush()
+        if self._to_card:
+            self._give_card()
         if self.session.state is not State.CLOSED:
             try:
                 await asyncio.wait_for(self._done.wait(), SHUTDOWN_ACK_TIMEOUT)
@@ -154,11 +159,15 @@ class CardBridge:
             self.connected.set()
             self.session.send(ev.ConnectionOpened())
             self._flush()
+        if self._to_card:
+            self._give_card()
 
     def data(self, data: bytes) -> None:
         with self._lock:
             self.session.receive_data(data)
             self._flush()
+        if self._to_card:
+            self._give_card()
 
     def connection_down(self, reason: str) -> None:
         self.log.info("connection to QEMU closed (%s)", reason)
@@ -175,6 +184,8 @@ class CardBridge:
                 self._watchdog = None
             self.session.send(ev.ConnectionClosed())
             self._flush()
+        if self._to_card:
+            self._give_card()
 
     # -- the card (via _LoopSink) --------------------------------------------------
 
@@ -184,12 +195,16 @@ class CardBridge:
         with self._lock:
             self.session.send(ev.CardInserted(atr))
             self._flush()
+        if self._to_card:
+            self._give_card()
 
     def on_card_removed(self, reason: str) -> None:
         self.log.info("card gone: %s", reason)
         with self._lock:
             self.session.send(ev.CardRemoved())
             self._flush()
+        if self._to_card:
+            self._give_card()
 
     def on_apdu_done(self, seq: int, response: bytes | None, error: str | None) -> None:
         """The answer, on the loop (a failure, a card side on the loop's thread,
@@ -206,6 +221,8 @@ class CardBridge:
             else:
                 self.session.send(ev.ApduFailed(seq, error or "no status word"))
             self._flush()
+        if self._to_card:
+            self._give_card()
 
     def answer_now(self, seq: int, response: bytes) -> bool:
         """The hot path, on the card side's thread: hand ``response`` to the
@@ -271,6 +288,8 @@ class CardBridge:
             for event in events:
                 self._on_event(event)
             self._flush()
+        if self._to_card:
+            self._give_card()
 
     def _check_timeouts(self) -> None:
         """The watchdog: fail every APDU the card has sat on for ``apdu_timeout``
@@ -297,6 +316,8 @@ class CardBridge:
             if self._inflight:
                 oldest = min(started for started, _ in self._inflight.values())
                 self._watchdog = loop.call_at(oldest + self._timeout, self._check_timeouts)
+        if self._to_card:
+            self._give_card()
         if expired:
             self.card.recheck()
 
@@ -323,7 +344,19 @@ class CardBridge:
         self._inflight[event.seq] = (loop.time(), event.apdu)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self._timeout, self._check_timeouts)
-        self.card.transmit(event.seq, event.apdu)
+        self._to_card.append((event.seq, event.apdu))
+
+    def _give_card(self) -> None:
+        """Hand the APDUs :meth:`_flush` queued to the card side, in order.
+
+        Never while holding ``_lock``: a card side may take locks of its own
+        in transmit() that its thread holds while it waits for ``_lock`` in
+        :meth:`answer_now` (a lock-order deadlock).  Loop thread only.
+        """
+        while self._to_card:
+            items, self._to_card = self._to_card, []
+            for seq, apdu in items:
+                self.card.transmit(seq, apdu)
 
     def _log_answer(self, entry: tuple, response: bytes | None, error: str | None) -> None:
         started, apdu = entry
