@@ -55,7 +55,8 @@ def report_apdu(r: dict) -> tuple[list[str], bool]:
         mode, card, sock = label.split()
         lines.append(f" {sock} socket, card {card}, scheduling {mode}")
         lines.append(_dist_head())
-        for name in ("bridged", "direct", "socket floor", "floor", "relay", "session relay"):
+        names = ("bridged", "direct", "socket floor", "floor", "relay", "session relay")
+        for name in (*names, "bridged in-process"):
             lines.append(_dist_row(name, res["stats"][name]))
         q = res["ratios"]
         met = q["bridged/floor median"] <= 1.10
@@ -66,6 +67,7 @@ def report_apdu(r: dict) -> tuple[list[str], bool]:
             f" {'MET' if met else 'MISSED'}"
             f"   relay/floor {q['relay/floor median']:.2f} (p99 {q['relay/floor p99']:.2f})"
             f"   session relay/floor {q['session relay/floor median']:.2f}"
+            f"   in-process/floor {q['in-process/floor median']:.2f}"
         )
     return lines, ok
 

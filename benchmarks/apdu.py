@@ -20,7 +20,11 @@ timing peer (QEMU's end, a real socket) -> bridge process -> pcscd -> vpcd
   SCardTransmit, write the answer — serving card C;
 * ``session relay`` (design probe): ccidbridge's BridgeSession driven by one
   blocking thread that calls SCardTransmit itself, serving card D: what a
-  per-card APDU thread without event-loop and thread hand-offs would cost.
+  per-card APDU thread without event-loop and thread hand-offs would cost;
+* ``bridged in-process``: the same CardBridge and PC/SC card side on a
+  thread of this (the benchmark's) process, serving card E — cheaper to set
+  up, but it shares the GIL with the timing peer; the product runs as its own
+  process, so ``bridged`` is the figure that counts.
 
 Ratios: bridged/direct, bridged/floor (target <= 1.10 at the median),
 relay/floor (the calibration the bridge must beat) and session relay/floor.
@@ -34,8 +38,11 @@ the microseconds the bridge adds (median minus median).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+import threading
+from collections.abc import Callable, Iterator
 
 from smartcard import scard
 
@@ -122,6 +129,35 @@ def _serve(kids: list[Child], peer: Peer, mode: str, *extra: str, handshake: boo
         peer.handshake()
 
 
+@contextlib.contextmanager
+def _in_process_bridge(peer: Peer, reader: str) -> Iterator[None]:
+    """A CardBridge with the real PC/SC card side on a thread of this process."""
+    from ccidbridge.card.pcsc import PcscCard
+    from ccidbridge.config.model import ReaderSpec, ServedCard
+    from ccidbridge.runtime.bridge import CardBridge
+
+    served = ServedCard("inproc", peer.endpoint, ReaderSpec(name=reader))
+    loop = asyncio.new_event_loop()
+    bridge = CardBridge(served, PcscCard(served.reader), logging.getLogger("bench.inproc"))
+    task = loop.create_task(bridge.run())
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(task)
+
+    thread = threading.Thread(target=main, name="inproc-bridge", daemon=True)
+    thread.start()
+    try:
+        peer.accept()
+        peer.handshake()
+        yield
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(5)
+        loop.close()
+
+
 def _timed(peer: Peer, frame: bytes) -> Callable[[], int]:
     rt = peer.roundtrip
     return lambda: rt(frame)
@@ -150,12 +186,16 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
             cards["session relay"],
             handshake=True,
         )
+        inproc = Peer(sock, tmp, "inproc")
+        closers.callback(inproc.close)
+        closers.enter_context(_in_process_bridge(inproc, cards["in-process"]))
         direct, close_direct = _direct(cards["direct"])
         closers.callback(close_direct)
         variants = {name: _timed(p, frame) for name, p in peers.items()}
         variants["direct"] = direct
+        variants["bridged in-process"] = _timed(inproc, frame)
         raw = interleave(variants, rounds, block)
-        for name, p in peers.items():
+        for name, p in (*peers.items(), ("bridged in-process", inproc)):
             _check_9000(p, name)
     raw["floor"] = with_floor(raw["direct"], raw["socket floor"])
     stats = {name: summary(v) for name, v in raw.items()}
@@ -171,6 +211,7 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
         "bridged/relay median": b["median_us"] / r["median_us"],
         "session relay/floor median": sr["median_us"] / f["median_us"],
         "session relay/floor p99": sr["p99_us"] / f["p99_us"],
+        "in-process/floor median": stats["bridged in-process"]["median_us"] / f["median_us"],
     }
     return {"stats": stats, "ratios": ratios}
 
@@ -215,11 +256,11 @@ def run_apdu(
     results: dict[str, object] = {}
     for cpu in modes:
         r, b = (rounds, block) if cpu is not None else (rounds * 3, max(1, block // 3))
-        with pinned(cpu) as mode, PcscStack(2, debug=False) as stack:
+        with pinned(cpu) as mode, PcscStack(3, debug=False) as stack:
             for kind in CARDS:
-                readers, handles = insert_cards(stack, kind, 4)
+                readers, handles = insert_cards(stack, kind, 5)
                 try:
-                    roles = ("bridge", "direct", "relay", "session relay")
+                    roles = ("bridge", "direct", "relay", "session relay", "in-process")
                     cards = dict(zip(roles, readers, strict=True))
                     for sock in SOCKETS:
                         results[f"{mode} {kind} {sock}"] = measure_apdu(cards, sock, r, b)
