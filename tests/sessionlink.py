@@ -28,7 +28,10 @@ class Link:
         device: QemuDevice | None = None,
         card: Callable[[bytes], bytes] | None = echo_card,
         hold_card: bool = False,
+        auto_release: bool = True,
     ) -> None:
+        self.auto_release = auto_release
+        self.holds: list[events.HoldAtr] = []
         self.session = session or BridgeSession("Test Reader")
         self.device = device or QemuDevice()
         self.card = card
@@ -73,7 +76,12 @@ class Link:
             for ev in self.session.events():
                 moved = True
                 self.events.append(ev)
-                if isinstance(ev, events.TransmitApdu):
+                if isinstance(ev, events.HoldAtr):
+                    if self.auto_release:  # the pause passes at once here
+                        self.session.send(events.ReleaseAtr(ev.token))
+                    else:
+                        self.holds.append(ev)
+                elif isinstance(ev, events.TransmitApdu):
                     if self.hold_card or self.card is None:
                         self.held.append(ev)
                     else:

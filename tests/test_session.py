@@ -103,7 +103,7 @@ def test_reconnect_drops_requests_of_the_old_connection() -> None:
 
 
 def test_one_control_message_in_flight() -> None:
-    session = BridgeSession("r")
+    session = BridgeSession("r", reinsert_pause=0)
     session.send(events.CardInserted(ATR))
     session.send(events.ConnectionOpened())
     out = FrameDecoder().feed(session.data_to_send())
@@ -202,7 +202,7 @@ def test_card_gone_mid_apdu_fails_it_then_removes() -> None:
 
 
 def test_apdu_that_crosses_an_atr_is_dropped_not_answered() -> None:
-    session = BridgeSession("r")
+    session = BridgeSession("r", reinsert_pause=0)
     session.send(events.CardInserted(ATR))
     link = Link(session=session)
     link.connect()
@@ -306,6 +306,83 @@ def test_atr_rewrite_can_be_switched_off() -> None:
     link.session.send(events.CardInserted(T1_ONLY))
     link.connect()
     assert not link.of(events.AtrRewritten) and link.device.atr == T1_ONLY
+
+
+# R10 --------------------------------------------------------------------------
+
+
+def frames_of(session: BridgeSession) -> list[str]:
+    return [type(decode(f)).__name__ for f in FrameDecoder().feed(session.data_to_send())]
+
+
+def ack_all(session: BridgeSession) -> list[str]:
+    sent = []
+    for _ in range(10):
+        session.receive_data(encode(Error(0)))
+        out = frames_of(session)
+        if not out:
+            break
+        sent += out
+    return sent
+
+
+def test_resync_holds_the_atr_until_released() -> None:
+    session = BridgeSession("r", reinsert_pause=0.25)
+    session.send(events.CardInserted(ATR))
+    session.send(events.ConnectionOpened())
+    assert frames_of(session) == ["Init", "ReaderRemove"]
+    assert ack_all(session) == ["ReaderAdd"]
+    (hold,) = [e for e in session.events() if isinstance(e, events.HoldAtr)]
+    assert hold.seconds == 0.25
+    session.send(events.ReleaseAtr(hold.token + 1))  # not ours: ignored
+    assert frames_of(session) == []
+    session.send(events.ReleaseAtr(hold.token))
+    assert frames_of(session) == ["Atr"]
+
+
+def test_card_reset_is_shown_to_the_guest_as_removal_then_insertion() -> None:
+    session = BridgeSession("r", reinsert_pause=0.25)
+    session.send(events.CardInserted(ATR))
+    session.send(events.ConnectionOpened())
+    session.data_to_send()
+    ack_all(session)
+    token = next(e for e in session.events() if isinstance(e, events.HoldAtr)).token
+    session.send(events.ReleaseAtr(token))
+    assert frames_of(session) == ["Atr"]
+    ack_all(session)
+    session.send(events.CardInserted(ATR))  # reset by another host program
+    assert frames_of(session) == ["CardRemove"]
+    assert ack_all(session) == []
+    hold = next(e for e in session.events() if isinstance(e, events.HoldAtr))
+    session.send(events.ReleaseAtr(hold.token))
+    assert frames_of(session) == ["Atr"]
+
+
+def test_card_removed_during_the_hold_is_not_announced() -> None:
+    session = BridgeSession("r", reinsert_pause=0.25)
+    session.send(events.CardInserted(ATR))
+    session.send(events.ConnectionOpened())
+    session.data_to_send()
+    ack_all(session)
+    hold = next(e for e in session.events() if isinstance(e, events.HoldAtr))
+    session.send(events.CardRemoved())
+    session.send(events.ReleaseAtr(hold.token))
+    assert frames_of(session) == []
+
+
+def test_guest_apdus_during_the_hold_fail_at_once() -> None:
+    link = Link(session=BridgeSession("r", reinsert_pause=0.25), auto_release=False)
+    link.session.send(events.CardInserted(ATR))
+    link.device.connect()
+    link.device.receive_data(encode(Atr(ATR)))  # QEMU still shows an old card
+    link.device.data_to_send()
+    link.session.send(events.ConnectionOpened())
+    link.pump()
+    assert not link.device.card_present  # the resync removed it; the ATR is held
+    link.session.receive_data(encode(Apdu(SELECT)))  # a late forward: failed at once
+    assert frames_of(link.session) == ["Error"]
+    link.send(events.ReleaseAtr(link.holds[-1].token))
+    assert link.device.card_present
 
 
 # R9 ---------------------------------------------------------------------------

@@ -57,6 +57,13 @@ class Shutdown:
     """The bridge is stopping: tell QEMU the card and reader are gone."""
 
 
+@dataclass(frozen=True, slots=True)
+class ReleaseAtr:
+    """The pause asked for by HoldAtr(token) is over (R10)."""
+
+    token: int
+
+
 # -- outputs: what the runtime must do or may log ----------------------------
 
 
@@ -66,6 +73,15 @@ class TransmitApdu:
 
     seq: int
     apdu: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HoldAtr:
+    """Send ReleaseAtr(token) after ``seconds``: the guest must see the card
+    gone for that long before it is announced again (R10)."""
+
+    token: int
+    seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,4 +202,5 @@ InputEvent = (
     | ApduResponse
     | ApduFailed
     | Shutdown
+    | ReleaseAtr
 )

@@ -39,6 +39,16 @@ READER_PROTOCOLS = frozenset({0})
 #: it short keeps every control frame far below the input buffer.
 MAX_READER_NAME = 200
 
+#: How long the card stays "removed" before it is announced again.  QEMU 7.2
+#: tells the guest about card changes only through NotifySlotChange on the
+#: interrupt endpoint, which the guest polls every 255 ms (bInterval 255 at
+#: full speed); a removal and an ATR that fall between two polls merge into
+#: one "present" notification, and the guest's pcscd, finding the card still
+#: present, reports nothing.  Seen with a real guest after a bridge restart
+#: (a pause of 250 ms still lost the removal now and then).  An ATR re-sent
+#: while a card is present is no re-insertion to the guest either.
+REINSERT_PAUSE = 0.5
+
 #: QEMU's reply to a control message it did not like (unknown type, bad ATR).
 QEMU_REFUSAL_CODE = 1
 

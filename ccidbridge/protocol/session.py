@@ -36,6 +36,13 @@ R8  QEMU's Error on an ATR means the guest sees no card; it is surfaced as
     for QEMU's T=0-only reader, unless switched off.
 R9  A peer that breaks the protocol gets PeerProtocolError: the runtime must
     drop that connection; the session is ready for the next one.
+R10 A removal must be visible to the guest: no ATR leaves within
+    qemu.REINSERT_PAUSE of a CardRemove or ReaderRemove (every resync starts
+    with one), and a card reset (a new ATR while QEMU holds a card) is shown
+    as CardRemove, pause, ATR.  Else the guest's pcscd misses the blip and
+    keeps using a card whose state was lost.  The session has no clock: when
+    a removal leaves it emits HoldAtr(token, seconds), and the runtime
+    answers ReleaseAtr(token) when the time is up.
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ from ccidbridge.protocol.qemu import (
     MAX_READER_NAME,
     MAX_RESPONSE_TO_QEMU,
     READER_PROTOCOLS,
+    REINSERT_PAUSE,
     check_atr,
 )
 from ccidbridge.protocol.wire import MINIMAL_READER_ID, ErrorCode, MsgType
@@ -94,10 +102,13 @@ class BridgeSession:
         *,
         rewrite_atr: bool = True,
         chain_long_responses: bool = True,
+        reinsert_pause: float = REINSERT_PAUSE,
     ) -> None:
         self._reader_name = reader_name.encode("utf-8")[:MAX_READER_NAME]
         self._rewrite_atr = rewrite_atr
         self._chain_long = chain_long_responses
+        self._reinsert_pause = reinsert_pause
+        self._hold_token = 0
         self.state = State.DISCONNECTED
         self._atr: bytes | None = None  # the host card's ATR; None = no card
         self._events: deque[object] = deque()
@@ -118,6 +129,7 @@ class BridgeSession:
         self._chain: chaining.ResponseChain | None = None
         self._flush_requested = False
         self._broken = False
+        self._atr_held = False  # R10: an ATR waits for ReleaseAtr
 
     # -- the runtime's interface --------------------------------------------------
 
@@ -162,6 +174,12 @@ class BridgeSession:
                 self._closed()
             case events.Shutdown():
                 self._shutdown()
+            case events.ReleaseAtr(token):
+                if self._atr_held and token == self._hold_token:
+                    self._atr_held = False
+                    if self._connected and self._atr is not None:
+                        self._announce_card()
+                    self._maybe_synchronized()
             case _:
                 raise TypeError(f"not a session input event: {event!r}")
 
@@ -197,8 +215,9 @@ class BridgeSession:
         self._emit_now(Init())  # R1
         self._queue.append(ReaderRemove())  # R2: forget the old connection's requests
         self._queue.append(ReaderAdd(self._reader_name))
-        if self._atr is not None:
+        if self._atr is not None and self._reinsert_pause <= 0:
             self._queue.append(self._atr_message(self._atr))
+        # else: the ATR follows ReleaseAtr for the ReaderRemove's hold (R10)
         self._pump()
 
     def _closed(self) -> None:
@@ -265,11 +284,17 @@ class BridgeSession:
 
     def _announce_card(self) -> None:
         """Queue what brings QEMU to the host card's current state."""
-        # Card-state messages not sent yet are superseded by this one.
-        self._queue = deque(m for m in self._queue if not isinstance(m, Atr | CardRemove))
+        # ATRs not sent yet are superseded by this state; removals never are (R10).
+        self._queue = deque(m for m in self._queue if not isinstance(m, Atr))
+        removal_queued = any(isinstance(m, CardRemove | ReaderRemove) for m in self._queue)
         if self._atr is not None:
-            self._queue.append(self._atr_message(self._atr))  # insert or reset: always
-        elif self._qemu_card_after_queue() is not None:
+            if self._atr_held or removal_queued:
+                pass  # ReleaseAtr announces the card as it is then
+            elif self._qemu_card_after_queue() is not None and self._reinsert_pause > 0:
+                self._queue.append(CardRemove())  # a reset: removal, pause, ATR
+            else:
+                self._queue.append(self._atr_message(self._atr))
+        elif self._qemu_card_after_queue() is not None and not removal_queued:
             self._queue.append(CardRemove())
         self._pump()
 
@@ -281,6 +306,10 @@ class BridgeSession:
             self._fail_pending(f"{type(msg).__name__} is going to QEMU")  # R6
             self._chain = None
             self._fenced = True
+            if msg.TYPE is not MsgType.ATR and self._reinsert_pause > 0:  # R10
+                self._atr_held = True
+                self._hold_token += 1
+                self._events.append(events.HoldAtr(self._hold_token, self._reinsert_pause))
         self._in_flight = msg
         self._emit_now(msg)
 
@@ -307,13 +336,21 @@ class BridgeSession:
         if not ok and not isinstance(acked, Atr):
             self._events.append(events.ControlRefused(type(acked).__name__, msg.code))
         self._pump()
-        if self._in_flight is None:
-            if self.state is State.SYNCING:
-                self.state = State.READY
-                self._events.append(events.Synchronized(self._qemu_atr is not None))
-            elif self.state is State.CLOSING:
-                self.state = State.CLOSED
-                self._events.append(events.ShutdownComplete())
+        if self._in_flight is None and self.state is State.CLOSING:
+            self.state = State.CLOSED
+            self._events.append(events.ShutdownComplete())
+        self._maybe_synchronized()
+
+    def _maybe_synchronized(self) -> None:
+        """SYNCING ends when every resync message is acked and no ATR is held."""
+        if (
+            self.state is State.SYNCING
+            and self._in_flight is None
+            and not self._queue
+            and not self._atr_held
+        ):
+            self.state = State.READY
+            self._events.append(events.Synchronized(self._qemu_atr is not None))
 
     # -- messages from QEMU ----------------------------------------------------
 

@@ -198,6 +198,14 @@ class CardBridge:
         if self._to_card:
             self._give_card()
 
+    def _release_atr(self, token: int) -> None:
+        """The guest has seen the card gone long enough (session rule R10)."""
+        with self._lock:
+            self.session.send(ev.ReleaseAtr(token))
+            self._flush()
+        if self._to_card:
+            self._give_card()
+
     def on_card_removed(self, reason: str) -> None:
         self.log.info("card gone: %s", reason)
         with self._lock:
@@ -371,6 +379,9 @@ class CardBridge:
     def _on_event(self, event: object) -> None:
         log = self.log
         match event:
+            case ev.HoldAtr(token, seconds):
+                assert self._loop is not None
+                self._loop.call_later(seconds, self._release_atr, token)
             case ev.Synchronized(card_present):
                 self.synchronized.set()
                 log.info("QEMU synchronized (%s)", "card present" if card_present else "no card")

@@ -30,10 +30,11 @@ from ccidbridge.config.model import Endpoint
 
 #: Reconnect backoff: first retry after this, doubling up to RETRY_MAX.  The
 #: cap bounds how long a restarted QEMU waits for us (issue 6: <= 1 s from
-#: QEMU listening to the ATR acked; at a 1 s cap the worst phase measured
-#: 1.0 s plus the handshake).  A refused connect on loopback costs microseconds.
+#: QEMU listening to the ATR acked, and the ATR itself waits
+#: qemu.REINSERT_PAUSE after the resync).  A refused connect on loopback costs
+#: microseconds.
 RETRY_MIN = 0.05
-RETRY_MAX = 0.5
+RETRY_MAX = 0.25
 READ_SIZE = 65536
 
 
