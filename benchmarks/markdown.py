@@ -108,7 +108,9 @@ def summary(r: dict) -> list[str]:
         )
     if "scale" in r:
         parts = [
-            f"{v['p99 ratio']:.2f} ({v['cards']} {'instant' if k == 'instant' else 'PC/SC'} cards)"
+            f"{v['p99 ratio']:.2f} ({v['cards']} "
+            f"{'instant' if k.endswith('instant') else 'PC/SC'} cards, "
+            f"{'free' if k.startswith('free') else 'pinned'})"
             for k, v in r["scale"].items()
         ]
         ok = all(v["p99 ratio"] <= 1.5 for v in r["scale"].values())
@@ -211,16 +213,23 @@ def memory(r: dict) -> list[str]:
 
 def scale(r: dict) -> list[str]:
     out = [
-        "| cards | 1 card median / p99 µs | N cards round robin | p99 N/1 | median N/1 "
+        "| cards | 1 card median / p99 µs | N cards round robin | p99 N/1 "
+        "| p99 N/1 per round, median | median N/1 "
         "| all N busy at once: total APDU/s vs one card |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for kind, res in r.items():
         b = res["busy"]
-        what = f"{res['cards']} {'instant cards' if kind == 'instant' else 'PC/SC cards (vpcd)'}"
+        mode, card = kind.split() if " " in kind else ("free", kind)
+        what = (
+            f"{res['cards']} {'instant cards' if card == 'instant' else 'PC/SC cards (vpcd)'}, "
+            f"{'free' if mode == 'free' else 'pinned'}"
+        )
         out.append(
             f"| {what} | {_mp(res['1 card'])} | {_mp(res['n cards'])} "
-            f"| **{res['p99 ratio']:.2f}** | {res['median ratio']:.2f} "
+            f"| **{res['p99 ratio']:.2f}** "
+            f"| {res.get('p99 ratio, median of rounds', float('nan')):.2f} "
+            f"| {res['median ratio']:.2f} "
             f"| {b['all at once APDU/s']:,.0f} vs {b['single APDU/s']:,.0f} "
             f"({b['throughput ratio']:.1f}x; per-APDU p99 {_f(b['per-APDU']['p99_us'], 0)} µs) |"
         )

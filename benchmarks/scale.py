@@ -1,21 +1,30 @@
 """Item 6, ``scale``: 16 cards bridged by one process at once.
 
-Alternating phases, several rounds: a bridge process serving a single card,
-then a bridge process serving 16 cards (each with its own card side, socket
-and peer; pcscd lists at most 16 readers, so the two cannot run side by
-side).  The peer times APDUs against the single card, and against the 16
-cards in turn (round robin, one APDU in flight at a time): does serving 16
-cards (16 monitors, 16 workers, 16 connections) make each APDU slower?
-Reported: p99 of the 16-card bridge over the single-card p99 (target <= 1.5),
-and the medians.
+A bridge process serving a single card against a bridge process serving N
+cards (each with its own card side, socket and peer), pinned to CPU 0 and
+free (as items 1 and 2).  The peer times APDUs against the single card, and
+against the N cards in turn (round robin, one APDU in flight at a time):
+does serving N cards (N card sides, N connections) make each APDU slower?
+Reported: the N-card p99 over the single-card p99 (target <= 1.5), and the
+medians.
 
-``busy`` adds the case where all 16 are driven at once (one peer thread per
+Phases alternate every round, each in a fresh bridge process, so that the
+scheduler's placement of the processes (which, free, decides between fast
+and slow round trips for a process's whole life) is drawn again each time.
+Running both bridges side by side and interleaving finely was tried: free,
+one bridge landed in the slow placement for the whole run (medians 20 vs
+48 us), which measures luck, not the bridge; with PC/SC cards it is not
+possible anyway (pcscd lists at most 16 readers, and every card side
+watches them all).
+
+* ``instant``: 16 InstantCards.
+* ``vpcd``: the project's test card in vpcd slots, one process per card,
+  real pcscd; 14 cards, not 16: see :data:`N_PCSC`.
+
+``busy`` adds the case where all N are driven at once (one peer thread per
 card, closed loop): aggregate APDU/s over the single card's APDU/s, and the
 per-APDU p99.  On a 2-core machine this is bound by CPU, not by the bridge's
 design; it is reported for orientation, not against the target.
-
-Card kinds: ``vpcd`` (the project's test card, one process per vpcd slot, real
-pcscd) and ``instant`` (InstantCard behind the card-side interface).
 """
 
 from __future__ import annotations
@@ -25,13 +34,14 @@ import statistics
 import threading
 import time
 
-from benchmarks.apdu import close_cards, insert_cards
+from benchmarks.apdu import close_cards, insert_cards, interleave
 from benchmarks.common import (
     GET_CHALLENGE,
     Child,
     Peer,
     apdu_frame,
     children,
+    pinned,
     spawn,
     summary,
     workdir,
@@ -59,48 +69,97 @@ def _bridge(kids: list[Child], peers: list[Peer], readers: list[str]) -> Child:
     return kid
 
 
-def _measure(readers: list[str], rounds: int, block: int, busy_apdus: int) -> dict[str, object]:
-    """Phases, alternating every round: a bridge serving one card, then a bridge
-    serving 16 (pcscd lists at most 16 readers, so the two cannot run side by side)."""
+def _measure(
+    readers: list[str], rounds: int, block: int, busy_apdus: int, *, side_by_side: bool
+) -> dict[str, object]:
+    """The single-card bridge against the N-card bridge.
+
+    ``side_by_side`` (instant cards): both bridge processes run at once and
+    the two variants interleave in short blocks, ``rounds`` x 4 of
+    ``block`` / 4 — the finest mixing, so scheduler luck is shared out.
+    Otherwise (PC/SC cards: pcscd lists at most 16 readers, and each card side
+    watches them all) phases alternate every round, each in a fresh bridge
+    process serving ``readers[:1]`` or all of ``readers``.  "All busy" runs
+    once, in the last N-card phase.
+    """
     frame = apdu_frame(GET_CHALLENGE)
     n = len(readers)
     one: list[int] = []
     many_rt: list[int] = []
     lat: list[list[int]] = [[] for _ in range(n)]
-    single_rates: list[float] = []
-    busy_rates: list[float] = []
+    single_rate = busy_rate = 0.0
+    rounds_1: list[float] = []  # p99 of each phase
+    rounds_n: list[float] = []
     with workdir() as tmp, contextlib.ExitStack() as closers:
         single = Peer("unix", tmp, "single")
         many = [Peer("unix", tmp, f"card{i}") for i in range(n)]
         for p in (single, *many):
             closers.callback(p.close)
-        for r in range(rounds):
-            for phase in ("1", "n") if r % 2 == 0 else ("n", "1"):
-                with children() as kids:
-                    if phase == "1":
-                        _bridge(kids, [single], readers[:1])
+        turn = [0]
+
+        def round_robin() -> int:
+            i = turn[0]
+            turn[0] = (i + 1) % n
+            return many[i].roundtrip(frame)
+
+        def one_card() -> int:
+            return single.roundtrip(frame)
+
+        def rates() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            for _ in range(busy_apdus):
+                single.roundtrip(frame)
+            alone = busy_apdus / (time.perf_counter() - t0)
+            return alone, _busy(many, frame, max(1, busy_apdus // n), lat)
+
+        if side_by_side:
+            with children() as kids:
+                _bridge(kids, [single], readers[:1])
+                _bridge(kids, many, readers)
+                raw = interleave({"1": one_card, "n": round_robin}, rounds * 4, max(1, block // 4))
+                one, many_rt = raw["1"], raw["n"]
+                single_rate, busy_rate = rates()
+        else:
+            for r in range(rounds):
+                for phase in ("1", "n") if r % 2 == 0 else ("n", "1"):
+                    with children() as kids:
+                        if phase == "1":
+                            _bridge(kids, [single], readers[:1])
+                            for _ in range(200):
+                                one_card()
+                            got = [one_card() for _ in range(block)]
+                            rounds_1.append(summary(got)["p99_us"])
+                            one += got
+                            continue
+                        _bridge(kids, many, readers)
                         for _ in range(200):
-                            single.roundtrip(frame)
-                        t0 = time.perf_counter()
-                        for _ in range(block):
-                            one.append(single.roundtrip(frame))
-                        single_rates.append(block / (time.perf_counter() - t0))
-                        continue
-                    _bridge(kids, many, readers)
-                    for i in range(200):
-                        many[i % n].roundtrip(frame)
-                    for i in range(block):
-                        many_rt.append(many[i % n].roundtrip(frame))
-                    busy_rates.append(_busy(many, frame, max(1, busy_apdus // n), lat))
+                            round_robin()
+                        got = [round_robin() for _ in range(block)]
+                        rounds_n.append(summary(got)["p99_us"])
+                        many_rt += got
+                        if r == rounds - 1:
+                            busy_rate = _busy(many, frame, max(1, busy_apdus // n), lat)
+            with children() as kids:
+                _bridge(kids, [single], readers[:1])
+                t0 = time.perf_counter()
+                for _ in range(busy_apdus):
+                    one_card()
+                single_rate = busy_apdus / (time.perf_counter() - t0)
     s1, s16 = summary(one), summary(many_rt)
     busy = summary([x for sub in lat for x in sub])
-    single_rate = statistics.median(single_rates)
-    busy_rate = statistics.median(busy_rates)
     return {
         "cards": n,
+        "side by side": side_by_side,
         "1 card": s1,
         "n cards": s16,
         "p99 ratio": s16["p99_us"] / s1["p99_us"],
+        # The same, per round (each N-card phase against its round's 1-card
+        # phase), then the median: one disturbed phase cannot decide it.
+        "p99 ratio, median of rounds": statistics.median(
+            n / one for n, one in zip(rounds_n, rounds_1, strict=False)
+        )
+        if rounds_1
+        else float("nan"),
         "median ratio": s16["median_us"] / s1["median_us"],
         "busy": {
             "single APDU/s": single_rate,
@@ -129,22 +188,30 @@ def _busy(many: list[Peer], frame: bytes, per: int, lat: list[list[int]]) -> flo
 
 
 def run_scale(
-    rounds: int = 4,
-    block: int = 1600,
+    rounds: int = 8,
+    block: int = 800,
     busy_apdus: int = 1600,
     kinds: tuple[str, ...] = ("vpcd", "instant"),
+    modes: tuple[int | None, ...] = (0, None),
 ) -> dict[str, object]:
+    """Each card kind, pinned to CPU 0 and free (see :func:`benchmarks.common.pinned`)."""
     from ccidbridge.lab.pcsc import PcscStack
 
     results: dict[str, object] = {}
-    for kind in kinds:
-        if kind == "instant":
-            results[kind] = _measure(["instant"] * N, rounds, block, busy_apdus)
-            continue
-        with PcscStack(N_PCSC // 2, debug=False) as stack:
-            readers, handles = insert_cards(stack, kind, N_PCSC)
-            try:
-                results[kind] = _measure(readers, rounds, block, busy_apdus)
-            finally:
-                close_cards(handles)
+    for cpu in modes:
+        with pinned(cpu) as mode:
+            for kind in kinds:
+                if kind == "instant":
+                    results[f"{mode} {kind}"] = _measure(
+                        ["instant"] * N, rounds, block, busy_apdus, side_by_side=False
+                    )
+                    continue
+                with PcscStack(N_PCSC // 2, debug=False) as stack:
+                    readers, handles = insert_cards(stack, kind, N_PCSC)
+                    try:
+                        results[f"{mode} {kind}"] = _measure(
+                            readers, rounds, block, busy_apdus, side_by_side=False
+                        )
+                    finally:
+                        close_cards(handles)
     return results
