@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ccidbridge.config import ConfigError, load
+from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.config.model import ReaderSpec
 from ccidbridge.config.serving import notes
 
@@ -38,11 +37,9 @@ def describe_reader(reader: ReaderSpec) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    if config is None:
+        return EXIT_CONFIG
     served = config.served_cards()
     unserved = config.unserved()
     print(f"{config.path}: valid")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.commands.qemu_argv import add_version_option, version_of
-from ccidbridge.config import ConfigError, load
 from ccidbridge.config.layout import layout
 from ccidbridge.config.libvirt_xml import render
 
@@ -30,10 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    if config is None:
+        return EXIT_CONFIG
     sys.stdout.write(render(layout(config.devices), version_of(args), portable=args.portable))
     return 0

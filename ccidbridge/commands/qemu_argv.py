@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ccidbridge.config import ConfigError, load
+from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.config.installed import qemu_version
 from ccidbridge.config.layout import layout
 from ccidbridge.config.qemu_argv import QemuVersion, render
@@ -46,10 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    if config is None:
+        return EXIT_CONFIG
     sys.stdout.write(render(layout(config.devices), version_of(args), add_usb=args.usb))
     return 0

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 
+from ccidbridge.commands import EXIT_CONFIG, load_config
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,17 +35,14 @@ def setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ccidbridge.config import ConfigError, load
     from ccidbridge.runtime.service import Service
 
     setup_logging(args.verbose, args.quiet)
     cards = []
     for path in args.configs:
-        try:
-            config = load(path)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return 2
+        config = load_config(path)
+        if config is None:
+            return EXIT_CONFIG
         for label, reason in config.unserved():
             logging.getLogger("ccidbridge").warning("not serving %s: %s", label, reason)
         cards += config.served_cards()
@@ -54,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
             "no passthrough smartcard on a tcp or unix socket",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_CONFIG
     trace = 0 if args.quiet else min(args.verbose, 2)
     return asyncio.run(Service(cards, trace=trace).run())

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from smartcard import scard
 
+from ccidbridge.lab.process import reap
 from ccidbridge.lab.vpcd_card import (
     DEFAULT_ATR,
     Behaviour,
@@ -386,15 +387,7 @@ class PcscStack:
         behind, which the next start tolerates (notes §1).
         """
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        reap(proc, sig, timeout)
 
     def kill(self, timeout: float = 5.0) -> None:
         """SIGKILL pcscd (a crash, as far as its clients can tell) and reap it."""

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccidbridge.lab.process import reap
+
 QEMU = "qemu-system-x86_64"
 
 
@@ -311,16 +313,7 @@ class Qemu:
             self._qmp.close()
             self._qmp = None
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        return proc.returncode
+        return reap(proc, sig, timeout)
 
     def quit(self, timeout: float = 10.0) -> int | None:
         """Graceful ``quit`` over QMP, then reap (falls back to SIGKILL)."""

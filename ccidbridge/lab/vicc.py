@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ccidbridge.lab.pcsc import CardState, LabError, PcscStack, ReaderSlot, wait_card_state
+from ccidbridge.lab.process import reap
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 WRAPPER = Path(__file__).with_name("vicc_fixed.py")
@@ -109,14 +110,7 @@ class ViccProcess:
         proc, self.proc = self.proc, None
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+        reap(proc, sig, timeout, cont=True)
         if wait_empty and self.stack.running:
             wait_card_state(self.reader, False, timeout)
         return proc.returncode

@@ -55,6 +55,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ccidbridge.lab.process import reap
+
 
 def _with_tck(atr_without_tck: bytes) -> bytes:
     """Append TCK (XOR of T0..last), required whenever an ATR offers a protocol besides T=0."""
@@ -530,17 +532,7 @@ class CardProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int | None:
         """Send ``sig`` (after SIGCONT, so a stopped process can die) and reap it."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        return proc.returncode
+        return reap(proc, sig, timeout, cont=True)
 
     def kill(self) -> int | None:
         return self.stop(signal.SIGKILL)
