@@ -90,14 +90,17 @@ def report_overhead(r: dict) -> tuple[list[str], bool]:
 
 
 def report_events(r: dict) -> tuple[list[str], bool]:
-    lines = [f"  {'':<30}{'median ms':>11}{'p90 ms':>9}{'max ms':>9}{'n':>5}"]
+    lines = [f"  {'':<42}{'median ms':>11}{'p90 ms':>9}{'max ms':>9}{'n':>5}"]
     ok = True
     for name, s in r.items():
+        judged = not name.startswith("quick")
         met = s["max_us"] <= 50_000
-        ok &= met
+        if judged:
+            ok &= met
+        verdict = ("MET" if met else "MISSED") if judged else "(held on purpose: R10)"
         lines.append(
-            f"  {name:<30}{s['median_us'] / 1000:>11.2f}{s['p90_us'] / 1000:>9.2f}"
-            f"{s['max_us'] / 1000:>9.2f}{s['n']:>5}  {'MET' if met else 'MISSED'}"
+            f"  {name:<42}{s['median_us'] / 1000:>11.2f}{s['p90_us'] / 1000:>9.2f}"
+            f"{s['max_us'] / 1000:>9.2f}{s['n']:>5}  {verdict}"
         )
     return lines, ok
 

@@ -6,6 +6,9 @@ SCardGetStatusChange on the reader) timestamps the moment pcscd reports the
 change; the timing peer timestamps the read that carries the ATR frame
 (insertion) or the CardRemove frame (removal).  ``added`` is the difference,
 per cycle.  pcscd's 400 ms presence poll delays both equally, so it cancels.
+Insertions into a reader that has been empty for longer than session rule
+R10's re-insertion pause are the target's case; quick re-insertions (card
+back at once) are reported apart: there R10 holds the ATR on purpose.
 
 **Item 4, ``recovery``** — real QEMU 7.2 (``ccid-card-passthru``, QEMU
 listening as with libvirt's ``mode='bind'``) is SIGKILLed and, after a pause
@@ -14,7 +17,10 @@ reconnect backoff is hit), started again on the same socket.  Measured from
 the first moment the new QEMU listens (polled every 0.5 ms from this
 process) to the bridge's ``AtrAccepted`` debug log line arriving here (QEMU
 acked the ATR; the line travels through a pipe, so this errs on the late
-side).  Also reported: kill -> listening (QEMU's own start time).
+side).  Since session rule R10 the figure includes a deliberate pause
+(``qemu.REINSERT_PAUSE``, 0.5 s): after a resync the card is announced only
+once the guest has had time to see it gone.  Also reported: kill ->
+listening (QEMU's own start time).
 
 **Item 5, ``memory``** — VmRSS of the bridge process (one real PC/SC card,
 Unix socket): idle after the handshake, after 10k APDUs, after 100k APDUs.
@@ -94,10 +100,23 @@ def _has(msg_type: int):
     return lambda d: any(m[0] == msg_type for m in d.received)
 
 
+def _reinsert_pause() -> float:
+    """Session rule R10's pause (0 before R10 existed)."""
+    from ccidbridge.protocol import qemu
+
+    return float(getattr(qemu, "REINSERT_PAUSE", 0.0))
+
+
 def run_events(cycles: int = 10) -> dict[str, object]:
+    """``cycles`` insert/remove cycles with the reader left empty longer than
+    session rule R10's re-insertion pause (the target's case), then as many
+    quick re-insertions (the card back at once, so R10 holds the ATR on
+    purpose until the guest has seen the card gone for the pause)."""
     from ccidbridge.lab.pcsc import PcscStack
 
+    pause = _reinsert_pause()
     ins: list[float] = []
+    quick: list[float] = []
     rem: list[float] = []
     with PcscStack(1, debug=False) as stack, workdir() as tmp, children() as kids:
         reader = stack.readers[0]
@@ -111,7 +130,12 @@ def run_events(cycles: int = 10) -> dict[str, object]:
             peer.accept()
             peer.pump_until(_has(3))  # ReaderAdd: the bridge is up, no card yet
             card = None
-            for _ in range(cycles):
+            for i in range(2 * cycles):
+                settled = i < cycles
+                if settled:
+                    # The reader stays empty past R10's pause (also after the
+                    # connection's resync, which R10 treats the same way).
+                    time.sleep(pause + 0.1)
                 t0 = time.perf_counter()
                 if card is None:
                     card = stack.insert_card(process=True, reader=reader, wait=False)
@@ -119,7 +143,7 @@ def run_events(cycles: int = 10) -> dict[str, object]:
                     card.insert(wait=False)
                 t_atr = peer.pump_until(lambda d: d.card_present)
                 t_seen = obs.wait(True, t0)
-                ins.append((t_atr - t_seen) * 1e9)
+                (ins if settled else quick).append((t_atr - t_seen) * 1e9)
                 t0 = time.perf_counter()
                 card.remove(wait=False)
                 t_gone = peer.pump_until(lambda d: not d.card_present)
@@ -133,6 +157,8 @@ def run_events(cycles: int = 10) -> dict[str, object]:
     return {
         "insert -> ATR frame": summary(ins) | {"max_us": max(ins) / 1000},
         "remove -> CardRemove frame": summary(rem) | {"max_us": max(rem) / 1000},
+        "quick re-insert -> ATR frame (R10 hold)": summary(quick)
+        | {"max_us": max(quick) / 1000, "pause_s": pause},
     }
 
 

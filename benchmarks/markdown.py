@@ -82,7 +82,7 @@ def summary(r: dict) -> list[str]:
             f"+{min(added):.1f}–{max(added):.1f} µs per APDU over the card-less floor | |"
         )
     if "events" in r:
-        e = list(r["events"].values())
+        e = [v for k, v in r["events"].items() if not k.startswith("quick")]
         med = max(x["median_us"] for x in e) / 1000
         mx = max(x["max_us"] for x in e) / 1000
         ok = "met" if mx <= 50 else "**missed**"
@@ -177,11 +177,19 @@ def overhead(r: dict) -> list[str]:
 def events(r: dict) -> list[str]:
     out = ["| | median | p90 | max | target |", "|---|---|---|---|---|"]
     for name, s in r.items():
-        ok = "met" if s["max_us"] <= 50_000 else "**missed**"
-        what = name.replace("insert ->", "inserted →").replace("remove ->", "removed →")
+        if name.startswith("quick"):
+            verdict = f"not judged: R10 holds the ATR {s.get('pause_s', 0.5):g} s after a removal"
+        else:
+            verdict = "≤ 50 ms: " + ("met" if s["max_us"] <= 50_000 else "**missed**")
+        what = (
+            name.replace("quick re-insert ->", "re-inserted at once →")
+            .replace(" (R10 hold)", "")
+            .replace("insert ->", "inserted →")
+            .replace("remove ->", "removed →")
+        )
         out.append(
             f"| {what} on the socket | {s['median_us'] / 1000:.2f} ms "
-            f"| {s['p90_us'] / 1000:.2f} ms | {s['max_us'] / 1000:.2f} ms | ≤ 50 ms: {ok} |"
+            f"| {s['p90_us'] / 1000:.2f} ms | {s['max_us'] / 1000:.2f} ms | {verdict} |"
         )
     return out
 

@@ -35,6 +35,7 @@ import os
 import socket
 import struct
 import sys
+import time
 
 from ccidbridge.config.model import Endpoint, ReaderSpec, ServedCard
 
@@ -127,6 +128,7 @@ def run_session_relay(endpoint: Endpoint, reader: str) -> None:
     session.send(ev.CardInserted(atr))
     send, recv, transmit = sock.sendall, sock.recv, scard.SCardTransmit
     transmit_type = ev.TransmitApdu
+    hold = getattr(ev, "HoldAtr", None)
     while True:
         out = session.data_to_send()
         if out:
@@ -135,10 +137,15 @@ def run_session_relay(endpoint: Endpoint, reader: str) -> None:
         if not data:
             break
         session.receive_data(data)
-        for event in session.events():
+        for event in list(session.events()):
             if type(event) is transmit_type:
                 hr, resp = transmit(h, proto, list(event.apdu))
                 session.send(ev.ApduResponse(event.seq, bytes(resp)))
+            elif hold is not None and type(event) is hold:
+                # Session rule R10 (the re-insertion pause): the runtime would
+                # answer with a timer; here, once, during the handshake.
+                time.sleep(event.seconds)
+                session.send(ev.ReleaseAtr(event.token))
     scard.SCardDisconnect(h, scard.SCARD_LEAVE_CARD)
     scard.SCardReleaseContext(ctx)
 
