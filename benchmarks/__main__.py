@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import signal
 import sys
 import time
 import traceback
@@ -25,6 +26,18 @@ from benchmarks import apdu, codec, lifecycle, scale
 from benchmarks.common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+#: Seconds any one item may take before it is abandoned (SIGALRM); the
+#: slowest, scale, takes about 100 s on a 2-vCPU VM.
+ITEM_BUDGET = 600
+
+
+class ItemTimeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise ItemTimeout(f"item took longer than {ITEM_BUDGET} s")
+
 
 TARGETS = {
     "apdu": "bridged/floor <= 1.10 at the median; beat the minimal relay and vscclient (1.5x)",
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smaller runs (smoke test)")
     p.add_argument("--json", type=Path, default=RESULTS, help=f"default: {RESULTS}")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGALRM, _alarm)
     items = args.items or list(ITEMS)
     unknown = [i for i in items if i not in ITEMS]
     if unknown:
@@ -219,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         run, report = ITEMS[name]
         t0 = time.monotonic()
         print(f"\n== {name}: target {TARGETS[name]}", flush=True)
+        signal.alarm(ITEM_BUDGET)  # a hung bridge or card cannot hold the run forever
         try:
             res = run(args.quick)
         except Exception as exc:  # noqa: BLE001 - report and go on with the other items
@@ -227,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  FAILED to run: {exc}", flush=True)
             failed = True
             continue
+        finally:
+            signal.alarm(0)
         out["seconds"][name] = round(time.monotonic() - t0, 1)
         out["results"][name] = res
         lines, ok = report(res)
