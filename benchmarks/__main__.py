@@ -69,7 +69,7 @@ def report_apdu(r: dict) -> tuple[list[str], bool]:
         lines.append(f" {sock} socket, card {card}, scheduling {mode}")
         lines.append(_dist_head())
         names = ("bridged", "direct", "socket floor", "floor", "relay", "session relay")
-        for name in (*names, "bridged in-process"):
+        for name in (*names, "bridged, card on loop", "bridged in-process"):
             lines.append(_dist_row(name, res["stats"][name]))
         q = res["ratios"]
         met = q["bridged/floor median"] <= 1.10
@@ -81,6 +81,7 @@ def report_apdu(r: dict) -> tuple[list[str], bool]:
             f"   relay/floor {q['relay/floor median']:.2f} (p99 {q['relay/floor p99']:.2f})"
             f"   session relay/floor {q['session relay/floor median']:.2f}"
             f"   in-process/floor {q['in-process/floor median']:.2f}"
+            f"   card on loop/floor {q['card on loop/floor median']:.2f}"
         )
     return lines, ok
 

@@ -21,6 +21,11 @@ timing peer (QEMU's end, a real socket) -> bridge process -> pcscd -> vpcd
 * ``session relay`` (design probe): ccidbridge's BridgeSession driven by one
   blocking thread that calls SCardTransmit itself, serving card D: what a
   per-card APDU thread without event-loop and thread hand-offs would cost;
+* ``bridged, card on loop`` (design probe): the bridge process with a card
+  side that calls SCardTransmit on the event loop's own thread
+  (:class:`benchmarks.servers.InlinePcscCard`, card F): the product's
+  asyncio path with no thread hand-off, to split the gap between bridged and
+  session relay into event loop and hand-off;
 * ``bridged in-process``: the same CardBridge and PC/SC card side on a
   thread of this (the benchmark's) process, serving card E — cheaper to set
   up, but it shares the GIL with the timing peer; the product runs as its own
@@ -171,7 +176,7 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
     """Item 1 for one card kind and socket type; ``cards`` maps role -> reader."""
     frame = apdu_frame(GET_CHALLENGE)
     with workdir() as tmp, children() as kids, contextlib.ExitStack() as closers:
-        names = ("bridged", "socket floor", "relay", "session relay")
+        names = ("bridged", "socket floor", "relay", "session relay", "bridged, card on loop")
         peers = {name: Peer(sock, tmp, name.replace(" ", "-")) for name in names}
         for p in peers.values():
             closers.callback(p.close)
@@ -184,6 +189,14 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
             "session-relay",
             "--reader",
             cards["session relay"],
+            handshake=True,
+        )
+        _serve(
+            kids,
+            peers["bridged, card on loop"],
+            "bridge",
+            "--reader",
+            f"inline:{cards['card on loop']}",
             handshake=True,
         )
         inproc = Peer(sock, tmp, "inproc")
@@ -212,6 +225,7 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
         "session relay/floor median": sr["median_us"] / f["median_us"],
         "session relay/floor p99": sr["p99_us"] / f["p99_us"],
         "in-process/floor median": stats["bridged in-process"]["median_us"] / f["median_us"],
+        "card on loop/floor median": stats["bridged, card on loop"]["median_us"] / f["median_us"],
     }
     return {"stats": stats, "ratios": ratios}
 
@@ -258,9 +272,9 @@ def run_apdu(
         r, b = (rounds, block) if cpu is not None else (rounds * 3, max(1, block // 3))
         with pinned(cpu) as mode, PcscStack(3, debug=False) as stack:
             for kind in CARDS:
-                readers, handles = insert_cards(stack, kind, 5)
+                roles = ("bridge", "direct", "relay", "session relay", "in-process", "card on loop")
+                readers, handles = insert_cards(stack, kind, len(roles))
                 try:
-                    roles = ("bridge", "direct", "relay", "session relay", "in-process")
                     cards = dict(zip(roles, readers, strict=True))
                     for sock in SOCKETS:
                         results[f"{mode} {kind} {sock}"] = measure_apdu(cards, sock, r, b)

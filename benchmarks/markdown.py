@@ -76,10 +76,18 @@ def summary(r: dict) -> list[str]:
             f"| {beat} |"
         )
     if "overhead" in r:
-        added = [v["added_us"]["vs floor median"] for v in r["overhead"].values()]
+
+        def added(mode: str) -> str:
+            vals = [
+                v["added_us"]["vs floor median"]
+                for k, v in r["overhead"].items()
+                if k.startswith("free") == (mode == "free")
+            ]
+            return f"+{min(vals):.1f}–{max(vals):.1f} µs" if vals else "–"
+
         out.append(
-            "| 2 | bridge-only cost, instant card | (report) | "
-            f"+{min(added):.1f}–{max(added):.1f} µs per APDU over the card-less floor | |"
+            "| 2 | bridge-only cost, instant card (median over the card-less floor) | (report) | "
+            f"{added('pinned')} pinned, {added('free')} free | |"
         )
     if "events" in r:
         e = [v for k, v in r["events"].items() if not k.startswith("quick")]
@@ -134,19 +142,22 @@ def apdu(r: dict) -> list[str]:
         f"{n} median / p99" if n == "bridged" else n for n in names
     )
     head += (
-        " | in-process | bridged/direct | **bridged/floor** | relay/floor | session relay/floor |"
+        " | card on loop | in-process | bridged/direct | **bridged/floor** | relay/floor "
+        "| session relay/floor | card on loop/floor |"
     )
-    out = [head, "|" + "---|" * (len(names) + 6)]
+    out = [head, "|" + "---|" * (len(names) + 8)]
     for label, res in r.items():
         mode, card, sock = label.split()
         st, q = res["stats"], res["ratios"]
         cells = [_mp(st[n]) for n in names]
-        cells.append(_mp(st["bridged in-process"]) if "bridged in-process" in st else "–")
+        for extra in ("bridged, card on loop", "bridged in-process"):
+            cells.append(_mp(st[extra]) if extra in st else "–")
         cells += [
             f"{q['bridged/direct median']:.2f} (p99 {q['bridged/direct p99']:.2f})",
             f"**{q['bridged/floor median']:.2f}** (p99 {q['bridged/floor p99']:.2f})",
             f"{q['relay/floor median']:.2f}",
             f"{q['session relay/floor median']:.2f}",
+            f"{q['card on loop/floor median']:.2f}" if "card on loop/floor median" in q else "–",
         ]
         where = (
             f"{sock}, {'vpcd card' if card == 'vpcd' else card}, "

@@ -150,6 +150,40 @@ def run_session_relay(endpoint: Endpoint, reader: str) -> None:
     scard.SCardReleaseContext(ctx)
 
 
+class InlinePcscCard:
+    """A design probe, not a card side to ship: SCardTransmit on the caller's
+    thread (the event loop's), so the bridge runs with no thread hand-off at
+    all.  A hung card would freeze the loop — which is why the product's card
+    side has a worker thread; here it measures what that hand-off costs."""
+
+    def __init__(self, reader: str) -> None:
+        self.reader = reader
+
+    def start(self, sink) -> None:  # type: ignore[no-untyped-def]
+        from smartcard import scard
+
+        self._scard = scard
+        hr, self._ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        protocols = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
+        hr, self._h, self._proto = scard.SCardConnect(
+            self._ctx, self.reader, scard.SCARD_SHARE_EXCLUSIVE, protocols
+        )
+        assert hr == 0, hex(hr)
+        self._sink = sink
+        sink.card_inserted(bytes(scard.SCardStatus(self._h)[4]), self.reader)
+
+    def transmit(self, seq: int, apdu: bytes) -> None:
+        hr, resp = self._scard.SCardTransmit(self._h, self._proto, list(apdu))
+        self._sink.apdu_done(seq, bytes(resp) if hr == 0 else None, None if hr == 0 else hex(hr))
+
+    def recheck(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self._scard.SCardDisconnect(self._h, self._scard.SCARD_LEAVE_CARD)
+        self._scard.SCardReleaseContext(self._ctx)
+
+
 def run_bridge(endpoints: list[Endpoint], readers: list[str], verbose: bool) -> int:
     from ccidbridge.card.instant import InstantCard
     from ccidbridge.runtime.service import Service, default_card_factory
@@ -163,14 +197,19 @@ def run_bridge(endpoints: list[Endpoint], readers: list[str], verbose: bool) -> 
         ServedCard(
             label=f"bench{i}",
             endpoint=ep,
-            reader=ReaderSpec(name=None if reader == "instant" else reader),
+            reader=ReaderSpec(name=None if reader == "instant" else reader.removeprefix("inline:")),
         )
         for i, (ep, reader) in enumerate(zip(endpoints, readers, strict=True))
     ]
-    instant = {c.label for c, r in zip(cards, readers, strict=True) if r == "instant"}
+    kinds = {c.label: r for c, r in zip(cards, readers, strict=True)}
 
-    def factory(served: ServedCard):
-        return InstantCard() if served.label in instant else default_card_factory(served)
+    def factory(served: ServedCard):  # type: ignore[no-untyped-def]
+        kind = kinds[served.label]
+        if kind == "instant":
+            return InstantCard()
+        if kind.startswith("inline:"):
+            return InlinePcscCard(kind.removeprefix("inline:"))
+        return default_card_factory(served)
 
     return asyncio.run(Service(cards, card_factory=factory).run())
 
@@ -179,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.servers")
     p.add_argument("mode", choices=["bridge", "floor", "echo", "relay", "session-relay"])
     p.add_argument("--endpoint", action="append", required=True, help="unix:PATH or tcp:PORT")
-    p.add_argument("--reader", action="append", default=[], help="PC/SC reader, or 'instant'")
+    p.add_argument(
+        "--reader",
+        action="append",
+        default=[],
+        help="PC/SC reader, 'instant', or 'inline:READER' (the InlinePcscCard probe)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="bridge: DEBUG log to stderr")
     args = p.parse_args(argv)
     endpoints = [parse_endpoint(e) for e in args.endpoint]
