@@ -83,7 +83,9 @@ def summary(r: dict) -> list[str]:
                 for k, v in r["overhead"].items()
                 if k.startswith("free") == (mode == "free")
             ]
-            return f"+{min(vals):.1f}–{max(vals):.1f} µs" if vals else "–"
+            if not vals:
+                return "–"
+            return f"{min(vals):+.1f} to {max(vals):+.1f} µs"
 
         out.append(
             "| 2 | bridge-only cost, instant card (median over the card-less floor) | (report) | "
