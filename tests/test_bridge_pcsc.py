@@ -15,6 +15,7 @@ from smartcard import scard
 from ccidbridge.card.pcsc import PcscCard
 from ccidbridge.config.model import ReaderSpec, Share
 from ccidbridge.lab.device_peer import DevicePeer
+from ccidbridge.lab.pcsc import PcscStack
 from ccidbridge.lab.vpcd_card import ATR_PRESETS
 from ccidbridge.protocol.atr import announce_t0
 from ccidbridge.protocol.device import Outcome
@@ -254,3 +255,25 @@ def test_bad_config_is_one_line_exit_2(tmp_path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"{config}:2:"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_card_in_the_sixteenth_reader_is_served(pcsc_stack, tmp_path) -> None:
+    """pcsc-lite watches at most 16 readers per SCardGetStatusChange, the PnP
+    pseudo reader included; with 16 readers a naive monitor never sees a card.
+    (16 is also pcscd's most readers, so this runs on a stack of its own.)"""
+    pcsc_stack.stop()
+    try:
+        with PcscStack(8, workdir=tmp_path / "pcsc16") as big:
+            last = big.readers[15]
+            card = big.insert_card("dual", reader=last)
+            try:
+                with (
+                    DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+                    bridge_to_peer(peer, last),
+                ):
+                    peer.wait_card(True, timeout=5)
+                    assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+            finally:
+                card.close()
+    finally:
+        pcsc_stack.start()

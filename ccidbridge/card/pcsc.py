@@ -61,6 +61,11 @@ from ccidbridge.config.model import Protocol, ReaderSpec, Share
 PNP_READER = "\\\\?PnP?\\Notification"
 #: GetStatusChange timeout: the fallback rescan of the reader list.
 RESCAN_MS = 1000
+#: pcsc-lite refuses an SCardGetStatusChange over more than 16 readers
+#: (PCSCLITE_MAX_READERS_CONTEXTS), the PnP pseudo reader included: with 16
+#: readers nothing would ever be watched.  So only the readers the spec can
+#: use are watched, at most this many.
+MAX_WATCHED = 15
 #: Backoff for re-establishing a context / retrying a connect (the brief: <= 1 s).
 BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 1.0
@@ -818,7 +823,7 @@ class _Monitor:
         self.pnp = 0
         self._evaluate(self.readers, self.states)
         while not stopping.is_set():
-            query = [(r, self.states[r][0] if r in self.states else 0) for r in self.readers]
+            query = [(r, self.states[r][0] if r in self.states else 0) for r in self._watched()]
             if self.pnp is not None:
                 query.append((PNP_READER, self.pnp))
             hr, result = scard.SCardGetStatusChange(ctx, RESCAN_MS, query)
@@ -830,6 +835,19 @@ class _Monitor:
                 self.readers = self._list(ctx)
                 self.states = {r: s for r, s in self.states.items() if r in self.readers}
             self._evaluate(self.readers, self.states)
+
+    def _watched(self) -> list[str]:
+        """The readers worth a GetStatusChange slot: those the spec accepts (MAX_WATCHED)."""
+        readers = [r for r in self.readers if reader_matches(self.spec, r)]
+        if len(readers) > MAX_WATCHED:
+            self.emit.once(
+                "too-many",
+                f"{len(readers)} readers match; PC/SC watches at most {MAX_WATCHED} at once, "
+                f"so only the first {MAX_WATCHED} are used (name one with <reader name=...>)",
+                logging.WARNING,
+            )
+            readers = readers[:MAX_WATCHED]
+        return readers
 
     def _apply(self, result: list[tuple[str, int, list[int]]]) -> bool:
         """Remember each reader's new state; True if the reader list may have changed."""
@@ -882,7 +900,7 @@ class _Monitor:
 
     def _choose(self, readers: list[str], states: dict[str, tuple[int, bytes]]) -> None:
         spec, emit = self.spec, self.emit
-        candidates = [r for r in readers if reader_matches(spec, r)]
+        candidates = [r for r in self._watched() if r in readers]
         if not candidates:
             what = describe_spec(spec) if (spec.name or spec.match) else "any PC/SC reader"
             emit.once("missing", f"{what} not found; waiting", logging.WARNING)
