@@ -264,16 +264,20 @@ def test_a_card_in_the_sixteenth_reader_is_served(pcsc_stack, tmp_path) -> None:
     pcsc_stack.stop()
     try:
         with PcscStack(8, workdir=tmp_path / "pcsc16") as big:
-            last = big.readers[15]
+            last, fifteenth = big.readers[15], big.readers[14]
             card = big.insert_card("dual", reader=last)
+            other = big.insert_card("dual", reader=fifteenth)
             try:
-                with (
-                    DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
-                    bridge_to_peer(peer, last),
-                ):
-                    peer.wait_card(True, timeout=5)
-                    assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+                for name, spec in ((last, ReaderSpec(name=last)), (fifteenth, ReaderSpec())):
+                    sock = tmp_path / f"{big.readers.index(name)}.sock"
+                    with (
+                        DevicePeer("unix", path=str(sock)) as peer,
+                        RunningBridge(served_card(peer.endpoint, spec), PcscCard(spec)),
+                    ):
+                        peer.wait_card(True, timeout=5)
+                        assert peer.guest(SELECT_FILE).data == b"\x90\x00"
             finally:
                 card.close()
+                other.close()
     finally:
         pcsc_stack.start()
