@@ -133,11 +133,7 @@ class CardBridge:
     async def stop(self) -> None:
         """SIGINT/SIGTERM: fail pending APDUs, CardRemove + ReaderRemove, wait
         briefly for QEMU's acks, then close."""
-        with self._lock:
-            self.session.send(ev.Shutdown())
-            self._flush()
-        if self._to_card:
-            self._give_card()
+        self._tell(ev.Shutdown())
         if self.session.state is not State.CLOSED:
             try:
                 await asyncio.wait_for(self._done.wait(), SHUTDOWN_ACK_TIMEOUT)
@@ -189,30 +185,26 @@ class CardBridge:
 
     # -- the card (via _LoopSink) --------------------------------------------------
 
+    def _tell(self, event: ev.InputEvent) -> None:
+        """Give the session ``event`` and carry out what it says (loop thread)."""
+        with self._lock:
+            self.session.send(event)
+            self._flush()
+        if self._to_card:
+            self._give_card()
+
     def on_card_inserted(self, atr: bytes, reader: str) -> None:
         self._hung = False
         self.log.info("card in %r, ATR %s", reader, hexatr(atr))
-        with self._lock:
-            self.session.send(ev.CardInserted(atr))
-            self._flush()
-        if self._to_card:
-            self._give_card()
+        self._tell(ev.CardInserted(atr))
 
     def _release_atr(self, token: int) -> None:
         """The guest has seen the card gone long enough (session rule R10)."""
-        with self._lock:
-            self.session.send(ev.ReleaseAtr(token))
-            self._flush()
-        if self._to_card:
-            self._give_card()
+        self._tell(ev.ReleaseAtr(token))
 
     def on_card_removed(self, reason: str) -> None:
         self.log.info("card gone: %s", reason)
-        with self._lock:
-            self.session.send(ev.CardRemoved())
-            self._flush()
-        if self._to_card:
-            self._give_card()
+        self._tell(ev.CardRemoved())
 
     def on_apdu_done(self, seq: int, response: bytes | None, error: str | None) -> None:
         """The answer, on the loop (a failure, a card side on the loop's thread,
