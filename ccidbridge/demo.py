@@ -55,30 +55,14 @@ def show_block(text: str, indent: str = "   ") -> None:
         say(indent + line)
 
 
-def direct_transmit(reader: str, apdus: list[bytes]) -> tuple[bytes, list[tuple[int, bytes]]]:
-    """ATR and (rv, response) per APDU, straight to the card on the host."""
-    from smartcard import scard
+def host_answers(reader: str, apdus: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """ATR and responses (empty where a transmit failed), straight to the card."""
+    from ccidbridge.lab.pcsc import HostConnection
 
-    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    if hr:
-        raise SystemExit(f"demo: PC/SC: {scard.SCardGetErrorMessage(hr)}")
-    try:
-        hr, card, proto = scard.SCardConnect(
-            ctx, reader, scard.SCARD_SHARE_SHARED, scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
-        )
-        if hr:
-            raise SystemExit(
-                f"demo: cannot connect to {reader!r}: {scard.SCardGetErrorMessage(hr)}"
-            )
-        _, _, _, _, atr = scard.SCardStatus(card)
-        out = []
-        for apdu in apdus:
-            hr, resp = scard.SCardTransmit(card, proto, list(apdu))
-            out.append((hr, bytes(resp) if hr == 0 else b""))
-        scard.SCardDisconnect(card, scard.SCARD_LEAVE_CARD)
-        return bytes(atr), out
-    finally:
-        scard.SCardReleaseContext(ctx)
+    with HostConnection(reader) as conn:
+        if conn.hr:
+            raise SystemExit(f"demo: cannot connect to {reader!r} (PC/SC error 0x{conn.hr:08X})")
+        return conn.atr(), [conn.tx(apdu)[1] for apdu in apdus]
 
 
 def cli(*args: str) -> str:
@@ -156,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
         heading("4. the same APDUs, straight to the card on the host")
-        host_atr, host = direct_transmit(reader, [bytes.fromhex(h) for _, h in apdus])
+        host_atr, host = host_answers(reader, [bytes.fromhex(h) for _, h in apdus])
 
         heading("5. side by side")
         say(f"   ATR in the guest  {hexatr(run.atr)}")
@@ -167,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         say()
         say(f"   {'APDU':24}{'in the guest':33}{'on the host':33}")
         same = 0
-        for (name, _), got, (_hr, want) in zip(apdus, run.apdus, host, strict=True):
+        for (name, _), got, want in zip(apdus, run.apdus, host, strict=True):
             guest_resp = got.response if got.rv == 0 else b""
             if name.endswith("(random)"):
                 ok = len(guest_resp) == len(want) and guest_resp[-2:] == want[-2:]

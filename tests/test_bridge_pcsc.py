@@ -15,12 +15,11 @@ from smartcard import scard
 from ccidbridge.card.pcsc import PcscCard
 from ccidbridge.config.model import ReaderSpec, Share
 from ccidbridge.lab.device_peer import DevicePeer
-from ccidbridge.lab.pcsc import PcscStack
+from ccidbridge.lab.pcsc import PcscStack, direct_transmit
 from ccidbridge.lab.vpcd_card import ATR_PRESETS
 from ccidbridge.protocol.atr import announce_t0
 from ccidbridge.protocol.device import Outcome
 from tests.bridgeharness import RunningBridge, served_card
-from tests.pcschelp import direct_transmit
 
 pytestmark = pytest.mark.stack
 

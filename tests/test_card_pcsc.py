@@ -32,7 +32,7 @@ from ccidbridge.card.pcsc import (
 )
 from ccidbridge.cli import main as cli_main
 from ccidbridge.config.model import Protocol, ReaderSpec, Share
-from ccidbridge.lab.pcsc import PcscStack, entry_name
+from ccidbridge.lab.pcsc import HostConnection, PcscStack, entry_name
 from ccidbridge.lab.vicc import VICC_ATR
 from ccidbridge.lab.vpcd_card import ATR_PRESETS, pattern
 
@@ -126,32 +126,6 @@ def send(card: PcscCard, sink: RecordingSink, seq: int, apdu: bytes | str) -> tu
     mark = sink.mark()
     card.transmit(seq, apdu)
     return sink.wait("done", mark, lambda c: c[1] == seq)[0]
-
-
-class Direct:
-    """A second host program: a plain low-level pyscard session (LEAVE_CARD on close)."""
-
-    def __init__(self, reader: str, share: int = scard.SCARD_SHARE_SHARED) -> None:
-        hr, self.ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-        assert hr == OK
-        self.hr, self.h, self.proto = scard.SCardConnect(self.ctx, reader, share, T0_T1)
-        self.hr &= 0xFFFFFFFF
-
-    def tx(self, apdu: bytes) -> bytes:
-        hr, resp = scard.SCardTransmit(self.h, self.proto, list(apdu))
-        assert hr == OK, hr_text(hr)
-        return bytes(resp)
-
-    def close(self) -> None:
-        if self.hr == OK:
-            scard.SCardDisconnect(self.h, scard.SCARD_LEAVE_CARD)
-        scard.SCardReleaseContext(self.ctx)
-
-    def __enter__(self) -> Direct:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 Bridge = Callable[..., tuple[PcscCard, RecordingSink]]
@@ -288,13 +262,13 @@ def test_responses_equal_direct_pyscard(test_card, bridge: Bridge) -> None:  # n
         "00EE0000",  # 6D00
         "FF000000",  # 6E00
     ]
-    with Direct(card.reader) as other:
+    with HostConnection(card.reader) as other:
         assert other.hr == OK
         for seq, hexapdu in enumerate(apdus):
             apdu = bytes.fromhex(hexapdu)
             _, _, resp, err = send(bc, sink, seq, apdu)
             assert err is None
-            assert resp == other.tx(apdu), hexapdu
+            assert resp == other.ok(apdu), hexapdu
     assert send(bc, sink, 99, "8010000800")[2] == pattern(8) + b"\x90\x00"
 
 
@@ -302,24 +276,24 @@ def test_exclusive_locks_out_other_programs_shared_does_not(test_card, bridge: B
     card = test_card("dual", process=False)
     ex, sink = bridge(name=card.reader)  # share defaults to exclusive
     sink.wait("inserted")
-    with Direct(card.reader) as other:
+    with HostConnection(card.reader) as other:
         assert other.hr == scard.SCARD_E_SHARING_VIOLATION
     assert send(ex, sink, 1, "0084000004")[3] is None
     ex.stop()  # releases the card (LEAVE_CARD) ...
-    with Direct(card.reader) as other:
+    with HostConnection(card.reader) as other:
         assert other.hr == OK  # ... so the other program gets it now
     sh, sink2 = bridge(name=card.reader, share=Share.SHARED)
     sink2.wait("inserted")
-    with Direct(card.reader) as other:
+    with HostConnection(card.reader) as other:
         assert other.hr == OK
-        assert other.tx(bytes.fromhex("801000000101")) == b"\x01\x90\x00"
+        assert other.ok(bytes.fromhex("801000000101")) == b"\x01\x90\x00"
         assert send(sh, sink2, 2, "801000000102")[2] == b"\x02\x90\x00"
 
 
 def test_busy_card_said_once_then_served(test_card, bridge: Bridge) -> None:  # noqa: ANN001
     """Another program holds the card exclusively: one notice, served once it lets go."""
     card = test_card("dual", process=False)
-    other = Direct(card.reader, scard.SCARD_SHARE_EXCLUSIVE)
+    other = HostConnection(card.reader, scard.SCARD_SHARE_EXCLUSIVE)
     try:
         assert other.hr == OK
         _, sink = bridge(name=card.reader)
@@ -343,8 +317,8 @@ def test_leave_card_on_stop_keeps_card_state(test_card, bridge: Bridge) -> None:
     t = time.perf_counter()
     bc.stop()
     print(f"stop() took {(time.perf_counter() - t) * 1e3:.1f} ms")
-    with Direct(card.reader) as other:
-        assert other.tx(bytes.fromhex("0020000000")) == b"\x90\x00"  # still verified
+    with HostConnection(card.reader) as other:
+        assert other.ok(bytes.fromhex("0020000000")) == b"\x90\x00"  # still verified
 
 
 def test_reset_by_other_program(test_card, bridge: Bridge) -> None:  # noqa: ANN001
@@ -354,7 +328,7 @@ def test_reset_by_other_program(test_card, bridge: Bridge) -> None:  # noqa: ANN
     bc, sink = bridge(name=card.reader, share=Share.SHARED)
     sink.wait("inserted")
     assert send(bc, sink, 1, "002000000431323334")[2] == b"\x90\x00"
-    with Direct(card.reader) as other:
+    with HostConnection(card.reader) as other:
         hr, _ = scard.SCardReconnect(
             other.h, scard.SCARD_SHARE_SHARED, T0_T1, scard.SCARD_RESET_CARD
         )
@@ -582,7 +556,7 @@ def test_stop_returns_with_worker_stuck(test_card) -> None:  # noqa: ANN001
     while time.monotonic() < deadline and bc._worker and bc._worker.thread.is_alive():
         bc._worker.thread.join(0.05)
     assert not sink.after_close
-    with Direct(card.reader, scard.SCARD_SHARE_EXCLUSIVE) as other:
+    with HostConnection(card.reader, scard.SCARD_SHARE_EXCLUSIVE) as other:
         assert other.hr == OK  # released
 
 
@@ -611,12 +585,12 @@ def _time_direct(reader: str, apdu: bytes, n: int, *, transaction: bool) -> list
     """A plain SCardTransmit loop (optionally inside Begin/EndTransaction, like shared mode)."""
     out = []
     share = scard.SCARD_SHARE_SHARED if transaction else scard.SCARD_SHARE_EXCLUSIVE
-    with Direct(reader, share) as d:
+    with HostConnection(reader, share) as d:
         for i in range(n + 100):
             t = time.perf_counter()
             if transaction:
                 scard.SCardBeginTransaction(d.h)
-            d.tx(apdu)
+            d.ok(apdu)
             if transaction:
                 scard.SCardEndTransaction(d.h, scard.SCARD_LEAVE_CARD)
             if i >= 100:

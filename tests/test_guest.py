@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ccidbridge.lab.bridgeproc import BridgeProcess, device_args, write_config
+from ccidbridge.lab.pcsc import direct_transmit
 from ccidbridge.lab.vpcd_card import ATR_PRESETS, pattern
 from ccidbridge.protocol.atr import announce_t0
-from tests.pcschelp import direct_transmit
 
 pytestmark = [pytest.mark.guest, pytest.mark.stack]
 

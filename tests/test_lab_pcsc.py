@@ -14,7 +14,13 @@ from smartcard.CardConnection import CardConnection
 from smartcard.System import readers as system_readers
 
 from ccidbridge.lab import pcsc as lab_pcsc
-from ccidbridge.lab.pcsc import LabError, PcscStack, list_readers, wait_card_state
+from ccidbridge.lab.pcsc import (
+    HostConnection,
+    LabError,
+    PcscStack,
+    list_readers,
+    wait_card_state,
+)
 from ccidbridge.lab.vpcd_card import ATR_PRESETS, pattern
 
 pytestmark = pytest.mark.stack
@@ -24,44 +30,6 @@ OK = scard.SCARD_S_SUCCESS
 
 def _hr(hr: int) -> int:
     return hr & 0xFFFFFFFF
-
-
-class Conn:
-    """A tiny low-level PC/SC session (explicit hresults, LEAVE_CARD on close)."""
-
-    def __init__(
-        self,
-        reader: str,
-        protocol: int = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
-        share: int = scard.SCARD_SHARE_SHARED,
-    ) -> None:
-        hr, self.ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-        assert hr == OK
-        hr, self.h, self.proto = scard.SCardConnect(self.ctx, reader, share, protocol)
-        if hr != OK:
-            scard.SCardReleaseContext(self.ctx)
-            raise AssertionError(f"SCardConnect {reader!r}: 0x{_hr(hr):08X}")
-
-    def tx(self, apdu: bytes | str) -> tuple[int, bytes]:
-        if isinstance(apdu, str):
-            apdu = bytes.fromhex(apdu)
-        hr, resp = scard.SCardTransmit(self.h, self.proto, list(apdu))
-        return _hr(hr), bytes(resp)
-
-    def ok(self, apdu: bytes | str) -> bytes:
-        hr, resp = self.tx(apdu)
-        assert hr == OK, f"0x{hr:08X}"
-        return resp
-
-    def close(self) -> None:
-        scard.SCardDisconnect(self.h, scard.SCARD_LEAVE_CARD)
-        scard.SCardReleaseContext(self.ctx)
-
-    def __enter__(self) -> Conn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def test_refuses_outside_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,7 +70,7 @@ T0, T1 = scard.SCARD_PROTOCOL_T0, scard.SCARD_PROTOCOL_T1
 def test_card_apdus(test_card, preset: str, ask: int, got: int) -> None:  # noqa: ANN001
     card = test_card(preset, process=False)
     assert card.inserted_state is not None and card.inserted_state.atr == ATR_PRESETS[preset]
-    with Conn(card.reader, ask) as c:
+    with HostConnection(card.reader, protocol=ask) as c:
         assert c.proto == got  # pcscd prefers T=1 when the ATR offers both
         assert c.ok("0084000008") == pattern(8) + b"\x90\x00"
         assert c.ok("00A4040C07F0636369646272") == b"\x90\x00"
@@ -152,7 +120,7 @@ def test_card_process_latency(test_card, record_property) -> None:  # noqa: ANN0
     """Per-APDU round trip through pcscd to our card process (notes: ~0.1 ms)."""
     card = test_card("dual")
     assert card.pid is not None
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         for _ in range(50):
             c.ok("0084000008")
         times = []
@@ -209,7 +177,7 @@ def test_removal_and_insertion_detected(test_card, record_property) -> None:  # 
 
 def test_crash_gives_empty_response_then_removal(test_card) -> None:  # noqa: ANN001
     card = test_card("dual", ["crash=B0"])
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         assert c.ok("0084000004")[-2:] == b"\x90\x00"
         assert c.tx("00B0000004") == (OK, b"")  # rv=0, empty (notes §2)
         assert c.tx("0084000004")[0] == 0x80100016  # SCARD_E_NOT_TRANSACTED
@@ -220,7 +188,7 @@ def test_crash_gives_empty_response_then_removal(test_card) -> None:  # noqa: AN
 def test_hang_blocks_until_card_killed(test_card) -> None:  # noqa: ANN001
     card = test_card("dual", ["hang=88"])
     result: list[tuple[int, bytes]] = []
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         t = threading.Thread(target=lambda: result.append(c.tx("0088000000")))
         t.start()
         t.join(0.5)
@@ -233,7 +201,7 @@ def test_hang_blocks_until_card_killed(test_card) -> None:  # noqa: ANN001
 
 def test_sigstop_hangs_and_sigcont_resumes(test_card) -> None:  # noqa: ANN001
     card = test_card("dual")
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         c.ok("0084000001")
         card.sigstop()
         result: list[tuple[int, bytes]] = []
@@ -248,7 +216,7 @@ def test_sigstop_hangs_and_sigcont_resumes(test_card) -> None:  # noqa: ANN001
 
 def test_slow_card(test_card) -> None:  # noqa: ANN001
     card = test_card("dual", ["slow=50"], process=False)
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         t = time.perf_counter()
         c.ok("0084000001")
         assert time.perf_counter() - t >= 0.05
@@ -264,10 +232,10 @@ def test_slots_are_independent(test_card, pcsc_stack: PcscStack) -> None:  # noq
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_pcscd_restart_reinserts(pcsc_stack: PcscStack, test_card, sig: int) -> None:  # noqa: ANN001
     card = test_card("t1", process=False)
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         c.ok("0084000001")
     pcsc_stack.restart(reinsert=True, sig=sig)
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         assert c.ok("8014000004") == b"\x00\x00\x00\x01\x90\x00"  # a fresh card
 
 
@@ -288,7 +256,7 @@ def test_pcscd_restart(pcsc_stack: PcscStack, test_card) -> None:  # noqa: ANN00
     assert card.card.proc is not None
     card.card.proc.wait(5)
     card.restart()
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         assert c.ok("0084000002")[-2:] == b"\x90\x00"
     assert os.path.exists("/run/pcscd/pcscd.comm")
 
@@ -300,5 +268,5 @@ def test_more_readers_on_demand(pcsc_stack: PcscStack, test_card) -> None:  # no
     assert list_readers() == pcsc_stack.readers
     card = test_card("t1", reader="Virtual PCD C 00 01", process=False)
     assert card.port == 35968
-    with Conn(card.reader) as c:
+    with HostConnection(card.reader) as c:
         assert c.ok("80120000") == b"\x00\x00"

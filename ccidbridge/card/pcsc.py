@@ -57,6 +57,7 @@ from smartcard import scard
 
 from ccidbridge.card.base import CardSink
 from ccidbridge.config.model import Protocol, ReaderSpec, Share
+from ccidbridge.protocol.atr import hexatr
 
 PNP_READER = "\\\\?PnP?\\Notification"
 #: GetStatusChange timeout: the fallback rescan of the reader list.
@@ -134,11 +135,6 @@ def hr_name(hr: int) -> str:
     """``SCARD_E_NO_SERVICE`` (just the name) for one-line messages."""
     hr &= 0xFFFFFFFF
     return _NAMES.get(hr, f"0x{hr:08X}")
-
-
-def atr_hex(atr: bytes) -> str:
-    """``3B 8A 80 01 …``: the form ``<reader atr=...>`` accepts, for copy and paste."""
-    return atr.hex(" ").upper()
 
 
 def atr_matches(atr: bytes, want: bytes | None, mask: bytes | None) -> bool:
@@ -560,7 +556,7 @@ class _Worker:
         if not atr_matches(atr, spec.atr, spec.atr_mask):
             self.emit.once(
                 f"atr:{self.reader}:{atr.hex()}",
-                f"{self.reader}: card ATR {atr_hex(atr)} does not match the configured "
+                f"{self.reader}: card ATR {hexatr(atr)} does not match the configured "
                 "atr=; not serving it",
                 logging.WARNING,
             )
@@ -914,7 +910,7 @@ class _Monitor:
             if not atr_matches(atr, spec.atr, spec.atr_mask):
                 emit.once(
                     f"atr:{reader}:{atr.hex()}",
-                    f"{reader}: card ATR {atr_hex(atr)} does not match the configured atr=; "
+                    f"{reader}: card ATR {hexatr(atr)} does not match the configured atr=; "
                     "not serving it",
                     logging.WARNING,
                 )

@@ -162,6 +162,72 @@ class PcscError(LabError):
         super().__init__(f"PC/SC error 0x{self.hresult:08X}")
 
 
+class HostConnection:
+    """Another program on the host: a plain low-level PC/SC session on ``reader``.
+
+    The yardstick for what the bridge relays (tests, the demo) and the
+    "other host program" of sharing tests.  A session that could not connect
+    (e.g. the bridge holds the card exclusively) is still made: ``hr`` is
+    SCardConnect's result, and :meth:`tx` refuses to use a handle that was
+    never granted (pyscard crashes on hcard 0, notes §2).  The card is left
+    as it is on close (SCARD_LEAVE_CARD).
+    """
+
+    def __init__(
+        self,
+        reader: str,
+        share: int = scard.SCARD_SHARE_SHARED,
+        protocol: int = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+    ) -> None:
+        hr, self.ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+        if hr != scard.SCARD_S_SUCCESS:
+            raise PcscError(hr)
+        hr, self.h, self.proto = scard.SCardConnect(self.ctx, reader, share, protocol)
+        self.hr = hr & 0xFFFFFFFF
+
+    def tx(self, apdu: bytes | str) -> tuple[int, bytes]:
+        """SCardTransmit: (hresult, response); the response only means something on 0."""
+        if self.hr != scard.SCARD_S_SUCCESS:
+            raise PcscError(self.hr)
+        if isinstance(apdu, str):
+            apdu = bytes.fromhex(apdu)
+        hr, resp = scard.SCardTransmit(self.h, self.proto, list(apdu))
+        hr &= 0xFFFFFFFF
+        return hr, bytes(resp) if hr == scard.SCARD_S_SUCCESS else b""
+
+    def ok(self, apdu: bytes | str) -> bytes:
+        """The response, or PcscError when the transmit failed."""
+        hr, resp = self.tx(apdu)
+        if hr != scard.SCARD_S_SUCCESS:
+            raise PcscError(hr)
+        return resp
+
+    def atr(self) -> bytes:
+        if self.hr != scard.SCARD_S_SUCCESS:
+            raise PcscError(self.hr)
+        hr, _, _, _, atr = scard.SCardStatus(self.h)
+        if hr != scard.SCARD_S_SUCCESS:
+            raise PcscError(hr)
+        return bytes(atr)
+
+    def close(self) -> None:
+        if self.hr == scard.SCARD_S_SUCCESS:
+            scard.SCardDisconnect(self.h, scard.SCARD_LEAVE_CARD)
+        scard.SCardReleaseContext(self.ctx)
+
+    def __enter__(self) -> HostConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def direct_transmit(reader: str, apdus: list[bytes]) -> list[bytes]:
+    """The APDUs straight to the card, shared, T=0 or T=1 as pcscd picks."""
+    with HostConnection(reader) as conn:
+        return [conn.ok(apdu) for apdu in apdus]
+
+
 def _pidfile_pid() -> int | None:
     """The pid in pcscd's pid file (it ends in a NUL byte, notes §1), if that process lives."""
     try:

@@ -56,17 +56,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccidbridge.lab.process import reap
-
-
-def _with_tck(atr_without_tck: bytes) -> bytes:
-    """Append TCK (XOR of T0..last), required whenever an ATR offers a protocol besides T=0."""
-    tck = 0
-    for b in atr_without_tck[1:]:
-        tck ^= b
-    return atr_without_tck + bytes([tck])
-
+from ccidbridge.protocol.atr import tck
 
 _HIST = b"ccidbridge"  # historical bytes: makes our ATRs recognisable in logs
+_DUAL = bytes([0x3B, 0x80 | len(_HIST), 0x80, 0x01]) + _HIST
 
 #: ATR presets.  ``t1`` is the YubiKey's (TD1=81: T=1 only, so a T=0 connect
 #: fails with SCARD_E_PROTO_MISMATCH); ``t0`` has no TD1 (implicit T=0 only);
@@ -76,7 +69,7 @@ ATR_PRESETS: dict[str, bytes] = {
     "t1": bytes.fromhex("3BFD1300008131FE158073C021C057597562694B657940"),
     "yubikey": bytes.fromhex("3BFD1300008131FE158073C021C057597562694B657940"),
     "t0": bytes([0x3B, 0x10 | len(_HIST), 0x96]) + _HIST,
-    "dual": _with_tck(bytes([0x3B, 0x80 | len(_HIST), 0x80, 0x01]) + _HIST),
+    "dual": _DUAL + bytes([tck(_DUAL[1:])]),  # TCK: the ATR offers T=1 too
     "vicc": bytes.fromhex("3B951381018073FF01000B"),
 }
 DEFAULT_ATR = ATR_PRESETS["dual"]
