@@ -16,13 +16,14 @@ import pytest
 from ccidbridge.card.instant import DEFAULT_ATR, InstantCard
 from ccidbridge.config.model import Endpoint
 from ccidbridge.lab.device_peer import DevicePeer
-from ccidbridge.lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint
+from ccidbridge.lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint, free_tcp_port
 from ccidbridge.protocol.device import Outcome
 from tests.bridgeharness import RunningBridge, served_card
+from tests.sessionlink import echo_card
 
 
 def reversing_card() -> InstantCard:
-    return InstantCard(respond=lambda apdu: apdu[::-1] + b"\x90\x00")
+    return InstantCard(respond=echo_card)
 
 
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
@@ -34,7 +35,7 @@ def test_relay_against_the_device_peer(tmp_path, kind: str, bridge_listens: bool
         endpoint = (
             Endpoint("unix", True, path=path)
             if kind == "unix"
-            else Endpoint("tcp", True, host="127.0.0.1", port=_free_port())
+            else Endpoint("tcp", True, host="127.0.0.1", port=free_tcp_port())
         )
         bridge = RunningBridge(served_card(endpoint), reversing_card())
         peer = DevicePeer(kind, listen=False, path=path, port=endpoint.port or 0)
@@ -47,15 +48,9 @@ def test_relay_against_the_device_peer(tmp_path, kind: str, bridge_listens: bool
         for apdu in (b"\x00\xa4\x04\x00\x02\x3f\x00", b"\x00\x84\x00\x00\x08", bytes(300)):
             answer = peer.guest(apdu)
             assert answer.outcome is Outcome.RESPONSE
-            assert answer.data == apdu[::-1] + b"\x90\x00"
+            assert answer.data == echo_card(apdu)
         if kind == "unix" and bridge_listens:
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_second_connection_is_refused_and_the_first_keeps_working(tmp_path) -> None:
@@ -97,7 +92,7 @@ def test_garbage_peer_loses_its_connection_and_the_next_peer_is_served(tmp_path,
                 break
             received += chunk
         bad.close()
-        line = bridge.wait_log("dropping the connection")
+        line = bridge.wait_log("connection dropped")
         assert "Traceback" not in bridge.text() and len(line.splitlines()) == 1
         with DevicePeer("unix", listen=False, path=path) as peer:
             peer.wait_card(True)
@@ -110,8 +105,11 @@ def test_truncated_frame_then_close_is_survived(tmp_path) -> None:
         b.wait_log("listening on")
         s = socket.socket(socket.AF_UNIX)
         s.connect(path)
+        s.settimeout(3)
+        assert s.recv(4096)  # the bridge's Init: it has nothing more to write until acked
         s.sendall(b"\x00\x00\x00\x07\x00\x00")
         s.close()
+        b.wait_log("6 bytes of an unfinished frame")
         with DevicePeer("unix", listen=False, path=path) as peer:
             peer.wait_card(True)
             assert peer.guest(b"\x00\xa4\x00\x00").outcome is Outcome.RESPONSE
@@ -146,7 +144,7 @@ def test_handshake_acked_by_real_qemu_bridge_connecting(qemu_passthru, kind: str
         b.wait_synced()
         b.wait_log("AtrAccepted")
     out = qemu.stdout()
-    assert "VSC_ATR" in out or "ATR" in out
+    assert "VSC_ATR" in out  # QEMU's own debug line for the ATR it accepted
 
 
 @pytest.mark.qemu
@@ -154,7 +152,7 @@ def test_handshake_acked_by_real_qemu_bridge_connecting(qemu_passthru, kind: str
 def test_handshake_acked_by_real_qemu_connecting_to_the_bridge(
     qemu_passthru, tmp_path, kind: str
 ) -> None:
-    ep = UnixEndpoint(str(tmp_path / "b.sock")) if kind == "unix" else TcpEndpoint(_free_port())
+    ep = UnixEndpoint(str(tmp_path / "b.sock")) if kind == "unix" else TcpEndpoint(free_tcp_port())
     with RunningBridge(served_card(_bridge_side(ep, listens=True)), InstantCard()) as b:
         b.wait_log("listening on")
         qemu_passthru(kind, server=False, endpoints=[ep])

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from ccidbridge.protocol import events
 from ccidbridge.protocol.decoder import FrameDecoder
 from ccidbridge.protocol.device import Outcome, QemuDevice
+from ccidbridge.protocol.errors import TruncatedStream
 from ccidbridge.protocol.messages import (
     Apdu,
     Atr,
@@ -174,7 +175,8 @@ def test_every_guest_apdu_answered_once_in_order_with_its_own_answer(steps) -> N
             link.disconnect()
             link.connect()
     link.answer_held()
-    link.connect() if not link.device.connected else None
+    if not link.device.connected:
+        link.connect()
     answered = {a.seq: a for a in link.device.answers}
     assert len(answered) == len(link.device.answers), "a request was answered twice"
     assert link.device.pending == 0, "a guest request was left unanswered"
@@ -399,6 +401,15 @@ def test_garbage_is_a_protocol_error_and_the_next_connection_works() -> None:
     link.connect()
     seq = link.guest(SELECT)
     assert link.device.answer_for(seq).data == echo_card(SELECT)
+
+
+def test_peer_that_dies_mid_frame_is_reported() -> None:
+    session = BridgeSession("r")
+    session.send(events.ConnectionOpened())
+    session.receive_data(encode(Init())[:7])
+    session.send(events.ConnectionClosed())
+    (err,) = [e for e in session.events() if isinstance(e, events.PeerProtocolError)]
+    assert isinstance(err.error, TruncatedStream) and err.error.buffered == 7
 
 
 def test_wrong_direction_message_is_a_protocol_error() -> None:

@@ -49,9 +49,6 @@ MAX_READER_NAME = 200
 #: while a card is present is no re-insertion to the guest either.
 REINSERT_PAUSE = 0.5
 
-#: QEMU's reply to a control message it did not like (unknown type, bad ATR).
-QEMU_REFUSAL_CODE = 1
-
 
 def check_atr(atr: bytes) -> str | None:
     """Predict QEMU 7.2's verdict on a VSC_ATR; ``None`` means accepted.

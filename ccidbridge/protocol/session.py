@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from enum import Enum
 
 from ccidbridge.protocol import chaining, events
-from ccidbridge.protocol.atr import AtrError, announce_t0, hexatr
+from ccidbridge.protocol.atr import AtrError, announce_t0
 from ccidbridge.protocol.atr import parse as parse_atr
 from ccidbridge.protocol.decoder import FrameDecoder
 from ccidbridge.protocol.errors import UnexpectedDirection, VSCardError
@@ -137,11 +137,6 @@ class BridgeSession:
     def card_present(self) -> bool:
         return self._atr is not None
 
-    @property
-    def pending(self) -> int:
-        """Guest requests the runtime still has to answer."""
-        return len(self._pending)
-
     def data_to_send(self) -> bytes:
         """Bytes to write to the current connection, whole frames only (R4)."""
         out = bytes(self._out)
@@ -222,6 +217,11 @@ class BridgeSession:
 
     def _closed(self) -> None:
         closing = self.state is State.CLOSING
+        if not self._broken:
+            try:
+                self._decoder.eof()  # a peer that died mid-frame: say so (R9)
+            except VSCardError as exc:
+                self._events.append(events.PeerProtocolError(exc))
         self._reset_connection()
         if closing:
             self.state = State.CLOSED
@@ -444,4 +444,4 @@ class BridgeSession:
         self._out += data
 
 
-__all__ = ["BridgeSession", "State", "hexatr"]
+__all__ = ["BridgeSession", "State"]

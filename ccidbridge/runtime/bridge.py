@@ -216,7 +216,7 @@ class CardBridge:
                     self._log_answer(entry, response, error)
             elif self._hung:
                 self.log.info("the card answered again after its timeout")
-            if response is not None and len(response) >= 2:
+            if response is not None:  # one without SW1 SW2 is failed by the session (R5)
                 self.session.send(ev.ApduResponse(seq, response))
             else:
                 self.session.send(ev.ApduFailed(seq, error or "no status word"))
@@ -236,7 +236,7 @@ class CardBridge:
         transport still holds earlier ones, or the write was partial — are
         left to the loop, in order (``_backlog``).
         """
-        if self._trace or len(response) < 2:
+        if self._trace:
             return False
         lock, wlock = self._lock, self._wlock
         with lock:
@@ -389,7 +389,7 @@ class CardBridge:
                     reason,
                 )
             case ev.PeerProtocolError(error):
-                log.error("dropping the connection: the peer broke the VSCard protocol: %s", error)
+                log.error("the peer broke the VSCard protocol, connection dropped: %s", error)
                 if self._transport is not None:
                     self._transport.abort()
             case ev.ShutdownComplete():

@@ -35,7 +35,6 @@ from ccidbridge.config.model import Endpoint
 #: microseconds.
 RETRY_MIN = 0.05
 RETRY_MAX = 0.25
-READ_SIZE = 65536
 
 
 class TransportError(Exception):
