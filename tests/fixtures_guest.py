@@ -16,13 +16,14 @@ import pytest
 
 from ccidbridge.lab.guest import GuestHandle, GuestImage, GuestRun, build_guest
 from ccidbridge.lab.guest import boot as guest_boot
+from tests.fixtures_stack import missing
 
 
 @pytest.fixture(scope="session")
 def guest_image() -> GuestImage:
-    """Build (or reuse) the guest image; skip when QEMU is not installed."""
+    """Build (or reuse) the guest image (a missing QEMU fails under make test)."""
     if shutil.which(guest_boot.QEMU) is None:
-        pytest.skip(f"{guest_boot.QEMU} not installed (Debian package qemu-system-x86)")
+        missing(f"{guest_boot.QEMU} not installed (Debian package qemu-system-x86)")
     return build_guest()
 
 
