@@ -3,7 +3,6 @@ vicc) behind it, the QEMU twin peer or real QEMU 7.2 in front of it."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from smartcard import scard
 
 from ccidbridge.card.pcsc import PcscCard
 from ccidbridge.config.model import ReaderSpec, Share
+from ccidbridge.lab.bridgeproc import write_config
 from ccidbridge.lab.device_peer import DevicePeer
 from ccidbridge.lab.pcsc import PcscStack, direct_transmit
 from ccidbridge.lab.vpcd_card import ATR_PRESETS
@@ -206,16 +206,7 @@ def test_pin_data_never_reaches_the_log(test_card, tmp_path) -> None:
 def test_run_command_serves_a_config_and_says_goodbye_on_sigterm(test_card, tmp_path) -> None:
     card = test_card("dual")
     sock = tmp_path / "q.sock"
-    config = tmp_path / "vm.xml"
-    config.write_text(
-        f"""<ccidbridge>
-  <smartcard mode='passthrough' type='unix'>
-    <source mode='bind' path='{sock}'/>
-    <reader name='{card.reader}' timeout='5'/>
-  </smartcard>
-</ccidbridge>
-"""
-    )
+    config = write_config(tmp_path / "vm.xml", sock, card.reader, timeout="5")
     with DevicePeer("unix", path=str(sock)) as peer:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ccidbridge", "run", "-vv", str(config)],
@@ -249,7 +240,6 @@ def test_bad_config_is_one_line_exit_2(tmp_path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
-        env={**os.environ},
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"{config}:2:"), proc.stderr

@@ -16,8 +16,9 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from ccidbridge.config import load
+from ccidbridge.config.installed import qemu_version
 from ccidbridge.config.layout import layout
-from ccidbridge.config.qemu_argv import QemuVersion, render
+from ccidbridge.config.qemu_argv import render
 
 
 def write_config(path: Path, socket_path: Path, reader: str, **reader_attrs: str) -> Path:
@@ -38,7 +39,7 @@ def write_config(path: Path, socket_path: Path, reader: str, **reader_attrs: str
 
 def device_args(config: Path, add_usb: bool = True) -> list[str]:
     """What ``ccidbridge qemu-argv [--usb] CONFIG`` prints, as an argument list."""
-    line = render(layout(load(str(config)).devices), QemuVersion(7, 2), add_usb=add_usb)
+    line = render(layout(load(str(config)).devices), qemu_version(), add_usb=add_usb)
     return shlex.split(line)
 
 
