@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ccidbridge.lab.bridgeproc import socket_device_args
 from ccidbridge.lab.guest import (
     GuestError,
     GuestHandle,
@@ -26,7 +27,6 @@ from ccidbridge.lab.guest import (
     GuestRun,
     build_guest,
     kernel_append,
-    passthru_args,
 )
 from ccidbridge.lab.guest.boot import parse_line
 from ccidbridge.lab.guest.cpio import CpioWriter
@@ -189,7 +189,7 @@ def test_guest_apdu_mode(start_guest: Callable[..., GuestHandle], sock_path: str
     The 1007-byte extended UPDATE BINARY makes the APDU list too long for the
     kernel command line, so it also exercises the initrd overlay.
     """
-    guest = start_guest(passthru_args(sock_path), apdus=[SELECT, CHALLENGE, UPDATE_1000],
+    guest = start_guest(socket_device_args(sock_path), apdus=[SELECT, CHALLENGE, UPDATE_1000],
                         params={"repeat": 2}, timeout=40)
     assert "apdus=" not in " ".join(guest.argv)  # went through the overlay
     peer = VSCardPeer(sock_path, _respond)
@@ -215,7 +215,7 @@ def test_guest_remove_and_insert(start_guest: Callable[..., GuestHandle], sock_p
         "wait-insert:10000", "reconnect", f"apdu:{SELECT}", f"burst:50:{CHALLENGE}", "status",
         "mark:end",
     ])
-    guest = start_guest(passthru_args(sock_path), steps, timeout=40, pcscd_log=1)
+    guest = start_guest(socket_device_args(sock_path), steps, timeout=40, pcscd_log=1)
     peer = VSCardPeer(sock_path, _respond)
     peer.insert()
     guest.wait_for("step n=2 wait-remove", timeout=30)
@@ -259,8 +259,7 @@ def test_guest_monitor_mode(start_guest: Callable[..., GuestHandle], sock_path: 
     The devices come in libvirt's JSON ``-device`` form with their own USB
     controller, as ``ccidbridge qemu-argv --usb`` prints them for QEMU 7.2.
     """
-    devices = ["-device", '{"driver":"qemu-xhci","id":"usb"}',
-               *passthru_args(sock_path, json_device=True)]
+    devices = socket_device_args(sock_path, add_usb=True)
     guest = start_guest(devices, timeout=40, params={"mode": "monitor", "monitor_ms": 20000})
     assert sum("qemu-xhci" in arg for arg in guest.argv) == 1
     peer = VSCardPeer(sock_path)
@@ -279,7 +278,7 @@ def test_guest_monitor_mode(start_guest: Callable[..., GuestHandle], sock_path: 
 def test_host_timeout_kills_qemu(start_guest: Callable[..., GuestHandle], sock_path: str) -> None:
     """A guest that would run forever is killed by PID at the host deadline."""
     started = time.monotonic()
-    guest = start_guest(passthru_args(sock_path), "sleep:600000", timeout=3,
+    guest = start_guest(socket_device_args(sock_path), "sleep:600000", timeout=3,
                         params={"guest_timeout": 600})
     with pytest.raises(GuestError):
         guest.wait_for("done", timeout=60)

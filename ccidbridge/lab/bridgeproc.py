@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from ccidbridge.config import load
+from ccidbridge.config import Config, load, loads
 from ccidbridge.config.installed import qemu_version
 from ccidbridge.config.layout import layout
 from ccidbridge.config.qemu_argv import render
@@ -37,10 +37,21 @@ def write_config(path: Path, socket_path: Path, reader: str, **reader_attrs: str
     return path
 
 
-def device_args(config: Path, add_usb: bool = True) -> list[str]:
+def device_args(config: Path | Config, add_usb: bool = True) -> list[str]:
     """What ``ccidbridge qemu-argv [--usb] CONFIG`` prints, as an argument list."""
-    line = render(layout(load(str(config)).devices), qemu_version(), add_usb=add_usb)
-    return shlex.split(line)
+    if not isinstance(config, Config):
+        config = load(str(config))
+    return shlex.split(render(layout(config.devices), qemu_version(), add_usb=add_usb))
+
+
+def socket_device_args(socket_path: str, add_usb: bool = False) -> list[str]:
+    """The reader of a one-card config whose Unix socket QEMU listens on, for
+    tests that put their own VSCard peer there instead of the bridge."""
+    config = loads(
+        "<ccidbridge><smartcard mode='passthrough' type='unix'>"
+        f"<source mode='bind' path={quoteattr(socket_path)}/></smartcard></ccidbridge>"
+    )
+    return device_args(config, add_usb)
 
 
 class BridgeProcess:

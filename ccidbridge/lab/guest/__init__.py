@@ -15,7 +15,6 @@ from ccidbridge.lab.guest.boot import (
     StateEvent,
     boot_guest,
     kernel_append,
-    passthru_args,
     qemu_argv,
     start_guest,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "build_guest",
     "default_cache_dir",
     "kernel_append",
-    "passthru_args",
     "qemu_argv",
     "start_guest",
 ]

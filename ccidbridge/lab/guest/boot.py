@@ -533,30 +533,6 @@ def boot_guest(
         return handle.result()
 
 
-def passthru_args(socket_path: str, name: str = "0", json_device: bool = False) -> list[str]:
-    """QEMU arguments for one usb-ccid + ccid-card-passthru on a Unix-socket server.
-
-    QEMU listens (``server=on,wait=off``) and the VSCard peer connects; this
-    is what tests use without the bridge.  The bridge's own ``qemu-argv``
-    output can be passed to :func:`start_guest` the same way.  With
-    ``json_device`` the ``-device`` values are JSON, as libvirt writes them
-    for QEMU >= 7.0.
-    """
-    devices = [
-        {"driver": "usb-ccid", "id": f"ccid{name}", "bus": "usb.0"},
-        {"driver": "ccid-card-passthru", "chardev": f"vsc{name}", "id": f"smartcard{name}",
-         "bus": f"ccid{name}.0"},
-    ]
-    args = ["-chardev", f"socket,id=vsc{name},path={socket_path},server=on,wait=off"]
-    for dev in devices:
-        if json_device:
-            args += ["-device", json.dumps(dev, separators=(",", ":"))]
-        else:
-            props = ",".join(f"{k}={v}" for k, v in dev.items() if k != "driver")
-            args += ["-device", f"{dev['driver']},{props}"]
-    return args
-
-
 def has_usb_controller(device_args: Sequence[str]) -> bool:
     """Whether ``device_args`` already add the ``usb`` controller (``qemu-argv --usb``)."""
     for flag, value in zip(device_args, device_args[1:], strict=False):
