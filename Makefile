@@ -16,7 +16,7 @@ setup: deps venv guest
 # entering the namespace: the kernel download needs the network, which
 # .ci/isolated does not have.  Cached; rebuilt only when its inputs change.
 guest: venv
-	$(PY) -m ccidbridge.lab.guest
+	$(PY) -m lab.guest
 
 # Install the Debian packages that are missing (and only those).
 deps:
@@ -37,26 +37,26 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
-	$(VENV)/bin/ruff check ccidbridge tests benchmarks
+	$(VENV)/bin/ruff check ccidbridge lab tests benchmarks
 	$(ISOLATED) $(VENV)/bin/pytest -q
 
 # Without READER: a private pcscd + vicc inside the namespace.  With READER:
 # the machine's own pcscd and the card in that reader (nothing isolated to hide it).
 demo: setup
 ifeq ($(READER),)
-	$(ISOLATED) $(PY) -m ccidbridge.demo
+	$(ISOLATED) $(PY) -m lab.demo
 else
-	$(PY) -m ccidbridge.demo --reader '$(READER)'
+	$(PY) -m lab.demo --reader '$(READER)'
 endif
 
 bench: setup
 	$(ISOLATED) $(PY) -m benchmarks
 
 lint: venv
-	$(VENV)/bin/ruff check ccidbridge tests benchmarks
+	$(VENV)/bin/ruff check ccidbridge lab tests benchmarks
 
 examples: venv
-	$(PY) -m ccidbridge.examples_regen
+	$(PY) -m lab.examples_regen
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -35,7 +35,7 @@ Ratios: bridged/direct, bridged/floor (target <= 1.10 at the median),
 relay/floor (the calibration the bridge must beat) and session relay/floor.
 
 **Item 2, ``overhead``** — the same socket path with card time removed: the
-bridge with an :class:`~ccidbridge.card.instant.InstantCard` behind the
+bridge with an :class:`~lab.instant_card.InstantCard` behind the
 card-side interface, against the socket floor above and against a plain echo
 of the bytes (:func:`benchmarks.servers.run_echo`).  Reports the ratios and
 the microseconds the bridge adds (median minus median).
@@ -233,7 +233,7 @@ def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> d
 def insert_cards(stack, kind: str, n: int) -> tuple[list[str], list[object]]:
     """``n`` cards of ``kind`` ("vpcd": the project's test card as a process;
     "vicc": Debian's vicc through the fixed wrapper) in the first free slots."""
-    from ccidbridge.lab.vicc import ViccProcess
+    from lab.vicc import ViccProcess
 
     stack.ensure_slots(n)
     readers: list[str] = []
@@ -265,7 +265,7 @@ def run_apdu(
     Free mode uses 3x as many rounds of a third the size, so the scheduler's
     whims (see :func:`benchmarks.common.pinned`) are shared out more evenly.
     """
-    from ccidbridge.lab.pcsc import PcscStack
+    from lab.pcsc import PcscStack
 
     results: dict[str, object] = {}
     for cpu in modes:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccidbridge.config.model import Endpoint
-from ccidbridge.protocol.device import QemuDevice
+from lab.twin import QemuDevice
 
 ROOT = Path(__file__).resolve().parent.parent
 _HDR = struct.Struct(">III")
@@ -168,7 +168,7 @@ class Peer:
     It listens (as QEMU with ``server=on,wait=off``) on a Unix socket or a
     loopback TCP port; whatever connects is the thing under test.  The
     handshake (Init, ReaderAdd, ATR and their acks) is played by the QEMU 7.2
-    twin (:class:`~ccidbridge.protocol.device.QemuDevice`); after it, one
+    twin (:class:`~lab.twin.QemuDevice`); after it, one
     :meth:`roundtrip` is a prebuilt VSC_APDU frame written with one
     ``sendall`` and the answer frame read back with blocking ``recv`` — the
     same cost for every variant, so ratios compare the things behind the socket.

@@ -112,7 +112,7 @@ def run_events(cycles: int = 10) -> dict[str, object]:
     session rule R10's re-insertion pause (the target's case), then as many
     quick re-insertions (the card back at once, so R10 holds the ATR on
     purpose until the guest has seen the card gone for the pause)."""
-    from ccidbridge.lab.pcsc import PcscStack
+    from lab.pcsc import PcscStack
 
     pause = _reinsert_pause()
     ins: list[float] = []
@@ -163,7 +163,7 @@ def run_events(cycles: int = 10) -> dict[str, object]:
 
 
 def _listening(kind: str, where: str | int) -> bool:
-    from ccidbridge.lab.qemu import tcp_listening, unix_listening
+    from lab.qemu import tcp_listening, unix_listening
 
     return tcp_listening(where) if kind == "tcp" else unix_listening(where)  # type: ignore[arg-type]
 
@@ -179,7 +179,7 @@ DOWN_TIMES_QUICK = (0.0, 1.3, 2.4)
 def run_recovery(
     down_times: tuple[float, ...] = DOWN_TIMES, kinds: tuple[str, ...] = ("unix", "tcp")
 ) -> dict[str, object]:
-    from ccidbridge.lab.pcsc import PcscStack
+    from lab.pcsc import PcscStack
 
     results: dict[str, object] = {}
     with PcscStack(1, debug=False) as stack:
@@ -193,7 +193,7 @@ def run_recovery(
 
 
 def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict[str, object]:
-    from ccidbridge.lab.qemu import QemuPassthru, UnixEndpoint
+    from lab.qemu import QemuPassthru, UnixEndpoint
 
     after_listen: list[float] = []
     kill_to_listen: list[float] = []
@@ -252,7 +252,7 @@ def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict
 
 
 def run_memory(apdus: int = 100_000) -> dict[str, object]:
-    from ccidbridge.lab.pcsc import PcscStack
+    from lab.pcsc import PcscStack
 
     frame = apdu_frame(GET_CHALLENGE)
     with PcscStack(1, debug=False) as stack, workdir() as tmp, children() as kids:

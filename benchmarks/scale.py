@@ -195,7 +195,7 @@ def run_scale(
     modes: tuple[int | None, ...] = (0, None),
 ) -> dict[str, object]:
     """Each card kind, pinned to CPU 0 and free (see :func:`benchmarks.common.pinned`)."""
-    from ccidbridge.lab.pcsc import PcscStack
+    from lab.pcsc import PcscStack
 
     results: dict[str, object] = {}
     for cpu in modes:

@@ -7,7 +7,7 @@ type and direction, each in a process of its own like ``ccidbridge run``:
 ``bridge``
     ccidbridge itself: a :class:`~ccidbridge.runtime.service.Service` serving
     one or more cards, each a real PC/SC card side (``--reader NAME``) or an
-    :class:`~ccidbridge.card.instant.InstantCard` (``--reader instant``).
+    :class:`~lab.instant_card.InstantCard` (``--reader instant``).
 ``floor``
     The least any bridge can be: a blocking loop that cuts VSC_APDU frames
     from the socket and answers each at once with a fixed ``90 00`` frame.
@@ -185,8 +185,8 @@ class InlinePcscCard:
 
 
 def run_bridge(endpoints: list[Endpoint], readers: list[str], verbose: bool) -> int:
-    from ccidbridge.card.instant import InstantCard
     from ccidbridge.runtime.service import Service, default_card_factory
+    from lab.instant_card import InstantCard
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,

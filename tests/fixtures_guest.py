@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from ccidbridge.lab.guest import GuestHandle, GuestImage, GuestRun, build_guest
-from ccidbridge.lab.guest import boot as guest_boot
+from lab.guest import GuestHandle, GuestImage, GuestRun, build_guest
+from lab.guest import boot as guest_boot
 from tests.fixtures_stack import missing
 
 

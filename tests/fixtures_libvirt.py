@@ -1,7 +1,7 @@
 """pytest fixtures: a throwaway libvirtd (oracle), and helpers that cut its output down
 to the devices ccidbridge renders.
 
-The daemon only starts inside ``.ci/isolated`` (see ccidbridge.lab.libvirtd);
+The daemon only starts inside ``.ci/isolated`` (see lab.libvirtd);
 anywhere else the fixture fails loudly rather than touching the machine's libvirt.
 """
 
@@ -19,7 +19,7 @@ from ccidbridge.config import loads
 from ccidbridge.config.layout import Layout, layout
 from ccidbridge.config.libvirt_xml import commandline_lines, device_lines
 from ccidbridge.config.qemu_argv import QemuVersion, argv
-from ccidbridge.lab.libvirtd import Libvirtd, LibvirtdError, isolation_problem
+from lab.libvirtd import Libvirtd, LibvirtdError, isolation_problem
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "libvirt"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"

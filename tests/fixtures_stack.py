@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 
-from ccidbridge.lab.pcsc import InsertedCard, PcscStack
-from ccidbridge.lab.qemu import QemuPassthru
-from ccidbridge.lab.vicc import SYSTEM_PYTHON, ViccProcess
-from ccidbridge.lab.vpcd_card import Behaviour
+from lab.pcsc import InsertedCard, PcscStack
+from lab.qemu import QemuPassthru
+from lab.vicc import SYSTEM_PYTHON, ViccProcess
+from lab.vpcd_card import Behaviour
 
 
 def missing(reason: str) -> None:

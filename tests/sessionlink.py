@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 from ccidbridge.protocol import events
 from ccidbridge.protocol.decoder import FrameDecoder
-from ccidbridge.protocol.device import QemuDevice
 from ccidbridge.protocol.messages import Message, decode
 from ccidbridge.protocol.session import BridgeSession
+from lab.twin import QemuDevice
 
 
 def echo_card(apdu: bytes) -> bytes:

@@ -13,12 +13,12 @@ from smartcard import scard
 
 from ccidbridge.card.pcsc import PcscCard
 from ccidbridge.config.model import ReaderSpec, Share
-from ccidbridge.lab.bridgeproc import write_config
-from ccidbridge.lab.device_peer import DevicePeer
-from ccidbridge.lab.pcsc import PcscStack, direct_transmit
-from ccidbridge.lab.vpcd_card import ATR_PRESETS
 from ccidbridge.protocol.atr import announce_t0
-from ccidbridge.protocol.device import Outcome
+from lab.bridgeproc import write_config
+from lab.device_peer import DevicePeer
+from lab.pcsc import PcscStack, direct_transmit
+from lab.twin import Outcome
+from lab.vpcd_card import ATR_PRESETS
 from tests.bridgeharness import RunningBridge, served_card
 
 pytestmark = pytest.mark.stack

@@ -32,9 +32,9 @@ from ccidbridge.card.pcsc import (
 )
 from ccidbridge.cli import main as cli_main
 from ccidbridge.config.model import Protocol, ReaderSpec, Share
-from ccidbridge.lab.pcsc import HostConnection, PcscStack, entry_name
-from ccidbridge.lab.vicc import VICC_ATR
-from ccidbridge.lab.vpcd_card import ATR_PRESETS, pattern
+from lab.pcsc import HostConnection, PcscStack, entry_name
+from lab.vicc import VICC_ATR
+from lab.vpcd_card import ATR_PRESETS, pattern
 
 pytestmark = pytest.mark.stack
 

@@ -17,7 +17,7 @@ from ccidbridge.config.layout import layout
 from ccidbridge.config.libvirt_xml import render as render_libvirt
 from ccidbridge.config.qemu_argv import QemuVersion
 from ccidbridge.config.qemu_argv import render as render_argv
-from ccidbridge.examples_regen import configs
+from lab.examples_regen import configs
 
 TCP = "<smartcard mode='passthrough' type='tcp'>{}</smartcard>"
 CERTS = "<smartcard mode='host-certificates'>{}</smartcard>"

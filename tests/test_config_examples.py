@@ -8,8 +8,8 @@ from pathlib import Path
 from ccidbridge.cli import main
 from ccidbridge.config import load
 from ccidbridge.config.serving import TLS_REASON
-from ccidbridge.examples_regen import EXAMPLES, configs
-from ccidbridge.examples_regen import main as regen
+from lab.examples_regen import EXAMPLES, configs
+from lab.examples_regen import main as regen
 
 CASES = {"tcp-bind", "tcp-connect", "unix", "tls", "reconnect", "spicevmc", "host",
          "host-certificates", "two-cards"}

@@ -10,7 +10,7 @@ import pytest
 from lxml import etree
 
 from ccidbridge.config.schema import schema
-from ccidbridge.examples_regen import configs
+from lab.examples_regen import configs
 from tests.fixtures_libvirt import config_devices, wrap
 
 GOOD = [

@@ -14,7 +14,7 @@ def test_demo_runs_end_to_end_and_the_guest_matches_the_host(pcsc_stack, guest_i
     pcsc_stack.stop()  # the demo starts its own pcscd, and there is room for one
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "ccidbridge.demo"],
+            [sys.executable, "-m", "lab.demo"],
             capture_output=True,
             text=True,
             timeout=120,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ccidbridge.lab.bridgeproc import BridgeProcess, device_args, write_config
-from ccidbridge.lab.pcsc import direct_transmit
-from ccidbridge.lab.vpcd_card import ATR_PRESETS, pattern
 from ccidbridge.protocol.atr import announce_t0
+from lab.bridgeproc import BridgeProcess, device_args, write_config
+from lab.pcsc import direct_transmit
+from lab.vpcd_card import ATR_PRESETS, pattern
 
 pytestmark = [pytest.mark.guest, pytest.mark.stack]
 

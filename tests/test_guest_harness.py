@@ -19,17 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from ccidbridge.lab.bridgeproc import socket_device_args
-from ccidbridge.lab.guest import (
-    GuestError,
-    GuestHandle,
-    GuestImage,
-    GuestRun,
-    build_guest,
-    kernel_append,
-)
-from ccidbridge.lab.guest.boot import parse_line
-from ccidbridge.lab.guest.cpio import CpioWriter
 from ccidbridge.protocol.decoder import FrameDecoder
 from ccidbridge.protocol.messages import (
     Apdu,
@@ -42,6 +31,17 @@ from ccidbridge.protocol.messages import (
     decode,
     encode,
 )
+from lab.bridgeproc import socket_device_args
+from lab.guest import (
+    GuestError,
+    GuestHandle,
+    GuestImage,
+    GuestRun,
+    build_guest,
+    kernel_append,
+)
+from lab.guest.boot import parse_line
+from lab.guest.cpio import CpioWriter
 
 #: T=0-capable ATR (QEMU's reader is T=0 only), qemu-passthru.md test vector.
 ATR = bytes.fromhex("3B8F8001804F0CA0000003060300030000000068")

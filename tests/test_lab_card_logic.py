@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ccidbridge.lab.vpcd_card import (
+from lab.vpcd_card import (
     ATR_PRESETS,
     Apdu,
     Behaviour,

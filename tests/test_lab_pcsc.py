@@ -13,15 +13,15 @@ from smartcard import scard
 from smartcard.CardConnection import CardConnection
 from smartcard.System import readers as system_readers
 
-from ccidbridge.lab import pcsc as lab_pcsc
-from ccidbridge.lab.pcsc import (
+from lab import pcsc as lab_pcsc
+from lab.pcsc import (
     HostConnection,
     LabError,
     PcscStack,
     list_readers,
     wait_card_state,
 )
-from ccidbridge.lab.vpcd_card import ATR_PRESETS, pattern
+from lab.vpcd_card import ATR_PRESETS, pattern
 
 pytestmark = pytest.mark.stack
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from ccidbridge.lab.qemu import QemuPassthru
+from lab.qemu import QemuPassthru
 
 pytestmark = pytest.mark.qemu
 
@@ -37,7 +37,7 @@ def test_qemu_answers_init(qemu_passthru, transport: str) -> None:  # noqa: ANN0
 
 def test_qemu_connects_to_us(qemu_passthru, tmp_path) -> None:  # noqa: ANN001
     """Client mode (reconnect=1): the bridge listens, QEMU dials in and sends nothing first."""
-    from ccidbridge.lab.qemu import UnixEndpoint
+    from lab.qemu import UnixEndpoint
 
     ep = UnixEndpoint(str(tmp_path / "bridge.sock"))
     with ep.listen() as srv:
@@ -67,7 +67,7 @@ def test_qemu_accepts_card_atr_presets(qemu_passthru) -> None:  # noqa: ANN001
     """Every ATR preset of our test card passes QEMU 7.2's (buggy) check_atr."""
     import struct
 
-    from ccidbridge.lab.vpcd_card import ATR_PRESETS
+    from lab.vpcd_card import ATR_PRESETS
 
     q: QemuPassthru = qemu_passthru("tcp")
     with q.connect() as s:

@@ -8,8 +8,8 @@ import time
 import pytest
 from smartcard import scard
 
-from ccidbridge.lab.pcsc import LabError, PcscStack, wait_card_state
-from ccidbridge.lab.vicc import VICC_ATR, ViccProcess
+from lab.pcsc import LabError, PcscStack, wait_card_state
+from lab.vicc import VICC_ATR, ViccProcess
 
 pytestmark = pytest.mark.stack
 

@@ -21,7 +21,7 @@ import pytest
 from ccidbridge.config import loads
 from ccidbridge.config.qemu_argv import QemuVersion, extra_card_args
 from ccidbridge.config.serving import notes
-from ccidbridge.examples_regen import configs
+from lab.examples_regen import configs
 from tests.fixtures_libvirt import (
     commandline_args,
     config_devices,

@@ -20,8 +20,8 @@ import pytest
 from ccidbridge.config import loads
 from ccidbridge.config.layout import layout
 from ccidbridge.config.qemu_argv import QemuVersion, render
-from ccidbridge.examples_regen import EXAMPLES
-from ccidbridge.lab.qemu import Qemu, free_tcp_port, tcp_listening, unix_listening
+from lab.examples_regen import EXAMPLES
+from lab.qemu import Qemu, free_tcp_port, tcp_listening, unix_listening
 from tests.fixtures_libvirt import output_domain
 
 pytestmark = pytest.mark.qemu

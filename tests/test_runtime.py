@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from ccidbridge.card.instant import DEFAULT_ATR, InstantCard
 from ccidbridge.config.model import Endpoint
-from ccidbridge.lab.device_peer import DevicePeer
-from ccidbridge.lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint, free_tcp_port
-from ccidbridge.protocol.device import Outcome
+from lab.device_peer import DevicePeer
+from lab.instant_card import DEFAULT_ATR, InstantCard
+from lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint, free_tcp_port
+from lab.twin import Outcome
 from tests.bridgeharness import RunningBridge, served_card
 from tests.sessionlink import echo_card
 

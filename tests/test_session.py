@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 from ccidbridge.protocol import events
 from ccidbridge.protocol.decoder import FrameDecoder
-from ccidbridge.protocol.device import Outcome, QemuDevice
 from ccidbridge.protocol.errors import TruncatedStream
 from ccidbridge.protocol.messages import (
     Apdu,
@@ -22,6 +21,7 @@ from ccidbridge.protocol.messages import (
     encode,
 )
 from ccidbridge.protocol.session import BridgeSession, State
+from lab.twin import Outcome, QemuDevice
 from tests.sessionlink import Link, echo_card
 
 ATR = bytes.fromhex("3b8f8001804f0ca0000003060300030000000068")

@@ -32,8 +32,8 @@ from pathlib import Path
 
 from smartcard import scard
 
-from ccidbridge.lab.process import reap
-from ccidbridge.lab.vpcd_card import (
+from lab.process import reap
+from lab.vpcd_card import (
     DEFAULT_ATR,
     Behaviour,
     CardLogic,

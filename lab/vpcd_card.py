@@ -36,7 +36,7 @@ Fault injection (``Behaviour``): ``hang_ins`` (never answer that INS),
 ``crash_ins`` (close the socket instead of answering: pcscd then returns rv=0
 with an empty response, notes §2), ``delay_ms`` (answer every APDU late).
 
-Run as a process: ``python -m ccidbridge.lab.vpcd_card --port P [--atr HEX|PRESET]
+Run as a process: ``python -m lab.vpcd_card --port P [--atr HEX|PRESET]
 [--behaviour hang=84 --behaviour crash=B0 --behaviour slow=20 --behaviour random]``.
 Or in-process: ``VpcdCard(port).start()`` (a daemon thread) … ``.stop()``.
 """
@@ -55,8 +55,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccidbridge.lab.process import reap
 from ccidbridge.protocol.atr import tck
+from lab import child_env
+from lab.process import reap
 
 _HIST = b"ccidbridge"  # historical bytes: makes our ATRs recognisable in logs
 _DUAL = bytes([0x3B, 0x80 | len(_HIST), 0x80, 0x01]) + _HIST
@@ -489,7 +490,7 @@ class CardProcess:
     @property
     def args(self) -> list[str]:
         return [
-            self.python, "-m", "ccidbridge.lab.vpcd_card",
+            self.python, "-m", "lab.vpcd_card",
             "--port", str(self.port), "--atr", self.atr.hex(),
             *self.behaviour.to_args(),
         ]  # fmt: skip
@@ -502,7 +503,8 @@ class CardProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=child_env(),
             )
         finally:
             if out is not subprocess.DEVNULL:
@@ -533,7 +535,7 @@ class CardProcess:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m ccidbridge.lab.vpcd_card",
+        prog="python -m lab.vpcd_card",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Regenerate examples/*.libvirt.xml and examples/*.argv from examples/*.xml.
 
-``python -m ccidbridge.examples_regen`` (``make examples``) rewrites them;
+``python -m lab.examples_regen`` (``make examples``) rewrites them;
 ``--check`` only reports the stale ones (exit 1), which is what the test runs.
 The argv is written for QEMU 7.2 (Debian 12), the version the oracle runs.
 """
@@ -36,7 +36,7 @@ def generated(config: Path) -> dict[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ccidbridge.examples_regen")
+    parser = argparse.ArgumentParser(prog="python -m lab.examples_regen")
     parser.add_argument("--check", action="store_true", help="only list stale files")
     parser.add_argument("--dir", type=Path, default=EXAMPLES)
     args = parser.parse_args(argv)

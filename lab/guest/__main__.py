@@ -1,4 +1,4 @@
-"""``python -m ccidbridge.lab.guest [CACHE_DIR]``: build (or reuse) the test guest.
+"""``python -m lab.guest [CACHE_DIR]``: build (or reuse) the test guest.
 
 Run it *outside* ``.ci/isolated``: the private namespace has no network, and
 the first build downloads the kernel package with apt-get.
@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ccidbridge.lab.guest.build import GuestBuildError, build_guest, default_cache_dir
+from lab.guest.build import GuestBuildError, build_guest, default_cache_dir
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,6 @@
 """QEMU's side of the chardev over a real socket, driven by the QEMU 7.2 twin.
 
-:class:`DevicePeer` puts :class:`~ccidbridge.protocol.device.QemuDevice` on a
+:class:`DevicePeer` puts :class:`~lab.twin.QemuDevice` on a
 TCP or Unix socket, listening (as QEMU with ``server=on,wait=off``) or
 connecting (as QEMU with ``reconnect=``), and plays the guest: ``guest(apdu)``
 is an XfrBlock and returns what the guest got.  Tests use it to check the
@@ -17,7 +17,7 @@ import threading
 import time
 
 from ccidbridge.config.model import Endpoint
-from ccidbridge.protocol.device import GuestAnswer, QemuDevice
+from lab.twin import GuestAnswer, QemuDevice
 
 
 class PeerTimeout(AssertionError):

@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from ccidbridge.lab.bridgeproc import BridgeProcess, device_args, write_config
+from lab.bridgeproc import BridgeProcess, device_args, write_config
 
 #: Read-only commands that any card answers somehow, and the PIN check of the
 #: virtual card (its PIN is 1234; the bridge log shows it redacted).
@@ -57,7 +57,7 @@ def show_block(text: str, indent: str = "   ") -> None:
 
 def host_answers(reader: str, apdus: list[bytes]) -> tuple[bytes, list[bytes]]:
     """ATR and responses (empty where a transmit failed), straight to the card."""
-    from ccidbridge.lab.pcsc import HostConnection
+    from lab.pcsc import HostConnection
 
     with HostConnection(reader) as conn:
         if conn.hr:
@@ -83,12 +83,12 @@ def fmt(data: bytes, width: int = 30) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ccidbridge.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__)
     parser.add_argument("--reader", help="use the card in this reader of the machine's pcscd")
     args = parser.parse_args(argv)
 
-    from ccidbridge.lab.guest import build_guest, start_guest
     from ccidbridge.protocol.atr import hexatr
+    from lab.guest import build_guest, start_guest
 
     started = time.monotonic()
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="ccidbridge-demo-") as tmp:
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if os.environ.get("CCIDBRIDGE_ISOLATED") != "1":
                 raise SystemExit("demo: run it as `make demo` (it needs the private namespace)")
-            from ccidbridge.lab.pcsc import PcscStack
-            from ccidbridge.lab.vicc import ViccProcess
+            from lab.pcsc import PcscStack
+            from lab.vicc import ViccProcess
 
             pcsc = stack.enter_context(PcscStack(1, workdir=work / "pcsc"))
             say(f"   private pcscd (pid {pcsc.pid}) with vsmartcard's virtual reader")

@@ -34,7 +34,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccidbridge.lab.guest.cpio import CpioWriter
+from lab import ROOT
+from lab.guest.cpio import CpioWriter
 
 #: Bump when the image layout changes in a way the hashed files do not show.
 BUILD_VERSION = 1
@@ -75,10 +76,7 @@ def default_cache_dir() -> Path:
     env = os.environ.get("CCIDBRIDGE_GUEST_CACHE")
     if env:
         return Path(env)
-    repo = HERE.parents[2]
-    if (repo / "pyproject.toml").exists():
-        return repo / ".cache" / "guest"
-    return Path.home() / ".cache" / "ccidbridge" / "guest"
+    return ROOT / ".cache" / "guest"
 
 
 def build_guest(cache_dir: Path | None = None) -> GuestImage:
@@ -192,7 +190,7 @@ def _download_kernel(tmp: Path) -> Path:
         if os.environ.get("CCIDBRIDGE_ISOLATED") == "1":
             raise GuestBuildError(
                 f"{exc}\nThe test namespace (.ci/isolated) has no network: build the guest "
-                "first with `.venv/bin/python -m ccidbridge.lab.guest` outside it."
+                "first with `.venv/bin/python -m lab.guest` outside it."
             ) from exc
         _run(["apt-get", "-q", "update"])
         _run(download + [_kernel_package()], cwd=tmp)

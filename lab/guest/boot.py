@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccidbridge.lab.guest.build import GuestImage
-from ccidbridge.lab.guest.cpio import CpioWriter
+from lab.guest.build import GuestImage
+from lab.guest.cpio import CpioWriter
 
 QEMU = os.environ.get("CCIDBRIDGE_QEMU", "qemu-system-x86_64")
 PREFIX = "CCIDT "

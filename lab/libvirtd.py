@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab import child_env
+
 URI = "qemu:///system"
 PRIVATE_DIRS = ("/etc/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
 QEMU_CONF = """\
@@ -178,9 +180,10 @@ class Libvirtd:
         pidfile = self.root / "libvirtd.pid"
         with open(self.root / "libvirtd.stdout", "wb") as out:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "ccidbridge.lab.libvirtd", "libvirtd", "-f", str(conf),
+                [sys.executable, "-m", "lab.libvirtd", "libvirtd", "-f", str(conf),
                  "-p", str(pidfile)],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=child_env(),
             )
         self.pid = self._proc.pid
         deadline = time.monotonic() + self.start_timeout

@@ -5,7 +5,7 @@ pcscd + libccid and a small PC/SC client (``client.c``) in an initramfs.
 run it under QEMU and parse the client's ``CCIDT ...`` console lines.
 """
 
-from ccidbridge.lab.guest.boot import (
+from lab.guest.boot import (
     ApduExchange,
     GuestError,
     GuestHandle,
@@ -18,7 +18,7 @@ from ccidbridge.lab.guest.boot import (
     qemu_argv,
     start_guest,
 )
-from ccidbridge.lab.guest.build import GuestBuildError, GuestImage, build_guest, default_cache_dir
+from lab.guest.build import GuestBuildError, GuestImage, build_guest, default_cache_dir
 
 __all__ = [
     "ApduExchange",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ccidbridge.lab.process import reap
+from lab.process import reap
 
 QEMU = "qemu-system-x86_64"
 

@@ -3,7 +3,7 @@
 We keep vicc only as a "real emulator" smoke test next to our own card
 (test-stack.md §3 "Recommendation").  Quirks that shape this module:
 
-* It must run through :mod:`ccidbridge.lab.vicc_fixed` under Debian's
+* It must run through :mod:`lab.vicc_fixed` under Debian's
   ``/usr/bin/python3`` (install path, Crypto→Cryptodome, 44 ms Nagle stall).
 * Only ``-t iso7816`` works; its ATR is ``3B 95 13 81 01 80 73 FF 01 00 0B``
   (T=1 only) and its PIN is 1234.
@@ -21,8 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from ccidbridge.lab.pcsc import CardState, LabError, PcscStack, ReaderSlot, wait_card_state
-from ccidbridge.lab.process import reap
+from lab.pcsc import CardState, LabError, PcscStack, ReaderSlot, wait_card_state
+from lab.process import reap
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 WRAPPER = Path(__file__).with_name("vicc_fixed.py")
