@@ -124,8 +124,8 @@ def run_session_relay(endpoint: Endpoint, reader: str) -> None:
     atr = bytes(scard.SCardStatus(h)[4])
     sock = connect(endpoint)
     session = BridgeSession(reader_name=reader)
-    session.send(ev.ConnectionOpened())
-    session.send(ev.CardInserted(atr))
+    session.handle(ev.ConnectionOpened())
+    session.handle(ev.CardInserted(atr))
     send, recv, transmit = sock.sendall, sock.recv, scard.SCardTransmit
     transmit_type = ev.TransmitApdu
     hold = getattr(ev, "HoldAtr", None)
@@ -140,12 +140,12 @@ def run_session_relay(endpoint: Endpoint, reader: str) -> None:
         for event in list(session.events()):
             if type(event) is transmit_type:
                 hr, resp = transmit(h, proto, list(event.apdu))
-                session.send(ev.ApduResponse(event.seq, bytes(resp)))
+                session.handle(ev.ApduResponse(event.seq, bytes(resp)))
             elif hold is not None and type(event) is hold:
                 # Session rule R10 (the re-insertion pause): the runtime would
                 # answer with a timer; here, once, during the handshake.
                 time.sleep(event.seconds)
-                session.send(ev.ReleaseAtr(event.token))
+                session.handle(ev.ReleaseAtr(event.token))
     scard.SCardDisconnect(h, scard.SCARD_LEAVE_CARD)
     scard.SCardReleaseContext(ctx)
 

@@ -46,16 +46,16 @@ class Link:
 
     def connect(self) -> None:
         self.device.connect()
-        self.session.send(events.ConnectionOpened())
+        self.session.handle(events.ConnectionOpened())
         self.pump()
 
     def disconnect(self) -> None:
         self.device.disconnect()
-        self.session.send(events.ConnectionClosed())
+        self.session.handle(events.ConnectionClosed())
         self.pump()
 
-    def send(self, event: object) -> None:
-        self.session.send(event)
+    def handle(self, event: object) -> None:
+        self.session.handle(event)
         self.pump()
 
     def pump(self, rounds: int = 100) -> None:
@@ -78,14 +78,14 @@ class Link:
                 self.events.append(ev)
                 if isinstance(ev, events.HoldAtr):
                     if self.auto_release:  # the pause passes at once here
-                        self.session.send(events.ReleaseAtr(ev.token))
+                        self.session.handle(events.ReleaseAtr(ev.token))
                     else:
                         self.holds.append(ev)
                 elif isinstance(ev, events.TransmitApdu):
                     if self.hold_card or self.card is None:
                         self.held.append(ev)
                     else:
-                        self.session.send(events.ApduResponse(ev.seq, self.card(ev.apdu)))
+                        self.session.handle(events.ApduResponse(ev.seq, self.card(ev.apdu)))
             if not moved:
                 return
         raise AssertionError("link did not settle")
@@ -93,7 +93,7 @@ class Link:
     def answer_held(self) -> None:
         held, self.held = self.held, []
         for ev in held:
-            self.session.send(events.ApduResponse(ev.seq, self.card(ev.apdu)))
+            self.session.handle(events.ApduResponse(ev.seq, self.card(ev.apdu)))
         self.pump()
 
     def guest(self, apdu: bytes) -> int:

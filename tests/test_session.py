@@ -31,7 +31,7 @@ SELECT = bytes.fromhex("00a4040007a0000000030000")
 
 def ready_link(**kw) -> Link:
     link = Link(**kw)
-    link.session.send(events.CardInserted(ATR))
+    link.session.handle(events.CardInserted(ATR))
     link.connect()
     return link
 
@@ -55,7 +55,7 @@ def test_init_is_the_first_frame_on_every_connection() -> None:
 
 def test_unsolicited_and_repeated_init_are_tolerated() -> None:
     link = Link(device=QemuDevice(wait_on=True))
-    link.session.send(events.CardInserted(ATR))
+    link.session.handle(events.CardInserted(ATR))
     link.connect()
     assert len(link.of(events.PeerInit)) == 2  # the unsolicited one and the reply
     link.session.receive_data(encode(Init(reader_id=0xFFFFFFFF)))  # and another, later
@@ -105,8 +105,8 @@ def test_reconnect_drops_requests_of_the_old_connection() -> None:
 
 def test_one_control_message_in_flight() -> None:
     session = BridgeSession("r", reinsert_pause=0)
-    session.send(events.CardInserted(ATR))
-    session.send(events.ConnectionOpened())
+    session.handle(events.CardInserted(ATR))
+    session.handle(events.ConnectionOpened())
     out = FrameDecoder().feed(session.data_to_send())
     assert [type(decode(f)).__name__ for f in out] == ["Init", "ReaderRemove"]
     for expected in ("ReaderAdd", "Atr"):
@@ -120,12 +120,12 @@ def test_one_control_message_in_flight() -> None:
 
 def test_rapid_card_events_coalesce() -> None:
     session = BridgeSession("r")
-    session.send(events.ConnectionOpened())
+    session.handle(events.ConnectionOpened())
     session.data_to_send()
     for _ in range(10):
-        session.send(events.CardInserted(ATR))
-        session.send(events.CardRemoved())
-    session.send(events.CardInserted(ATR))
+        session.handle(events.CardInserted(ATR))
+        session.handle(events.CardRemoved())
+    session.handle(events.CardInserted(ATR))
     link = Link(session=session)
     link.device.connect()
     # Replay the acks QEMU would send for the two messages already out.
@@ -163,14 +163,14 @@ def test_every_guest_apdu_answered_once_in_order_with_its_own_answer(steps) -> N
             link.pump()
         elif op == "answer" and link.held:
             ev = link.held.pop(0)
-            link.send(events.ApduResponse(ev.seq, echo_card(ev.apdu)))
+            link.handle(events.ApduResponse(ev.seq, echo_card(ev.apdu)))
         elif op == "fail" and link.held:
             ev = link.held.pop(0)
-            link.send(events.ApduFailed(ev.seq, "test"))
+            link.handle(events.ApduFailed(ev.seq, "test"))
         elif op == "insert":
-            link.send(events.CardInserted(ATR))
+            link.handle(events.CardInserted(ATR))
         elif op == "remove":
-            link.send(events.CardRemoved())
+            link.handle(events.CardRemoved())
         elif op == "reconnect":
             link.disconnect()
             link.connect()
@@ -195,7 +195,7 @@ def test_card_gone_mid_apdu_fails_it_then_removes() -> None:
     link = ready_link(hold_card=True)
     seq = link.guest(SELECT)
     link.to_qemu.clear()
-    link.send(events.CardRemoved())
+    link.handle(events.CardRemoved())
     assert sent_types(link) == ["Error", "CardRemove"]
     assert link.device.answer_for(seq).outcome is Outcome.FAILED
     link.answer_held()  # the card's answer comes too late
@@ -205,11 +205,11 @@ def test_card_gone_mid_apdu_fails_it_then_removes() -> None:
 
 def test_apdu_that_crosses_an_atr_is_dropped_not_answered() -> None:
     session = BridgeSession("r", reinsert_pause=0)
-    session.send(events.CardInserted(ATR))
+    session.handle(events.CardInserted(ATR))
     link = Link(session=session)
     link.connect()
     # Card reset: the ATR goes out; before QEMU's ack arrives, an APDU arrives.
-    session.send(events.CardInserted(ATR))
+    session.handle(events.CardInserted(ATR))
     assert isinstance(decode(FrameDecoder().feed(session.data_to_send())[0]), Atr)
     session.receive_data(encode(Apdu(SELECT)))
     session.receive_data(encode(Error(0)))
@@ -262,7 +262,7 @@ def test_other_command_drops_the_chain() -> None:
 
 def test_chaining_off_fails_long_responses_cleanly() -> None:
     link = ready_link(session=BridgeSession("r", chain_long_responses=False), card=long_card)
-    link.session.send(events.CardInserted(ATR))
+    link.session.handle(events.CardInserted(ATR))
     link.pump()
     seq = link.guest(b"\x80\x10\x00\x00\x00\x01\x77")  # 375 bytes with SW
     assert link.device.answer_for(seq).outcome is Outcome.FAILED
@@ -285,18 +285,18 @@ def test_response_without_status_word_is_a_failure() -> None:
 
 def test_qemu_refusing_an_atr_says_why() -> None:
     link = Link()
-    link.session.send(events.CardInserted(bytes.fromhex("3B8010F0")))
+    link.session.handle(events.CardInserted(bytes.fromhex("3B8010F0")))
     link.connect()
     (refused,) = link.of(events.AtrRefused)
     assert "inconsistent" in refused.reason
     assert not link.device.card_present
-    link.send(events.CardInserted(b"\x3b\x0f" + bytes(39)))
+    link.handle(events.CardInserted(b"\x3b\x0f" + bytes(39)))
     assert "40" in link.of(events.AtrRefused)[1].reason
 
 
 def test_t1_only_atr_is_rewritten_for_the_t0_reader() -> None:
     link = Link()
-    link.session.send(events.CardInserted(T1_ONLY))
+    link.session.handle(events.CardInserted(T1_ONLY))
     link.connect()
     (rewritten,) = link.of(events.AtrRewritten)
     assert rewritten.sent == bytes.fromhex("3BFD1300008031FE158073C021C057597562694B657941")
@@ -305,7 +305,7 @@ def test_t1_only_atr_is_rewritten_for_the_t0_reader() -> None:
 
 def test_atr_rewrite_can_be_switched_off() -> None:
     link = Link(session=BridgeSession("r", rewrite_atr=False))
-    link.session.send(events.CardInserted(T1_ONLY))
+    link.session.handle(events.CardInserted(T1_ONLY))
     link.connect()
     assert not link.of(events.AtrRewritten) and link.device.atr == T1_ONLY
 
@@ -330,60 +330,60 @@ def ack_all(session: BridgeSession) -> list[str]:
 
 def test_resync_holds_the_atr_until_released() -> None:
     session = BridgeSession("r", reinsert_pause=0.25)
-    session.send(events.CardInserted(ATR))
-    session.send(events.ConnectionOpened())
+    session.handle(events.CardInserted(ATR))
+    session.handle(events.ConnectionOpened())
     assert frames_of(session) == ["Init", "ReaderRemove"]
     assert ack_all(session) == ["ReaderAdd"]
     (hold,) = [e for e in session.events() if isinstance(e, events.HoldAtr)]
     assert hold.seconds == 0.25
-    session.send(events.ReleaseAtr(hold.token + 1))  # not ours: ignored
+    session.handle(events.ReleaseAtr(hold.token + 1))  # not ours: ignored
     assert frames_of(session) == []
-    session.send(events.ReleaseAtr(hold.token))
+    session.handle(events.ReleaseAtr(hold.token))
     assert frames_of(session) == ["Atr"]
 
 
 def test_card_reset_is_shown_to_the_guest_as_removal_then_insertion() -> None:
     session = BridgeSession("r", reinsert_pause=0.25)
-    session.send(events.CardInserted(ATR))
-    session.send(events.ConnectionOpened())
+    session.handle(events.CardInserted(ATR))
+    session.handle(events.ConnectionOpened())
     session.data_to_send()
     ack_all(session)
     token = next(e for e in session.events() if isinstance(e, events.HoldAtr)).token
-    session.send(events.ReleaseAtr(token))
+    session.handle(events.ReleaseAtr(token))
     assert frames_of(session) == ["Atr"]
     ack_all(session)
-    session.send(events.CardInserted(ATR))  # reset by another host program
+    session.handle(events.CardInserted(ATR))  # reset by another host program
     assert frames_of(session) == ["CardRemove"]
     assert ack_all(session) == []
     hold = next(e for e in session.events() if isinstance(e, events.HoldAtr))
-    session.send(events.ReleaseAtr(hold.token))
+    session.handle(events.ReleaseAtr(hold.token))
     assert frames_of(session) == ["Atr"]
 
 
 def test_card_removed_during_the_hold_is_not_announced() -> None:
     session = BridgeSession("r", reinsert_pause=0.25)
-    session.send(events.CardInserted(ATR))
-    session.send(events.ConnectionOpened())
+    session.handle(events.CardInserted(ATR))
+    session.handle(events.ConnectionOpened())
     session.data_to_send()
     ack_all(session)
     hold = next(e for e in session.events() if isinstance(e, events.HoldAtr))
-    session.send(events.CardRemoved())
-    session.send(events.ReleaseAtr(hold.token))
+    session.handle(events.CardRemoved())
+    session.handle(events.ReleaseAtr(hold.token))
     assert frames_of(session) == []
 
 
 def test_guest_apdus_during_the_hold_fail_at_once() -> None:
     link = Link(session=BridgeSession("r", reinsert_pause=0.25), auto_release=False)
-    link.session.send(events.CardInserted(ATR))
+    link.session.handle(events.CardInserted(ATR))
     link.device.connect()
     link.device.receive_data(encode(Atr(ATR)))  # QEMU still shows an old card
     link.device.data_to_send()
-    link.session.send(events.ConnectionOpened())
+    link.session.handle(events.ConnectionOpened())
     link.pump()
     assert not link.device.card_present  # the resync removed it; the ATR is held
     link.session.receive_data(encode(Apdu(SELECT)))  # a late forward: failed at once
     assert frames_of(link.session) == ["Error"]
-    link.send(events.ReleaseAtr(link.holds[-1].token))
+    link.handle(events.ReleaseAtr(link.holds[-1].token))
     assert link.device.card_present
 
 
@@ -405,16 +405,16 @@ def test_garbage_is_a_protocol_error_and_the_next_connection_works() -> None:
 
 def test_peer_that_dies_mid_frame_is_reported() -> None:
     session = BridgeSession("r")
-    session.send(events.ConnectionOpened())
+    session.handle(events.ConnectionOpened())
     session.receive_data(encode(Init())[:7])
-    session.send(events.ConnectionClosed())
+    session.handle(events.ConnectionClosed())
     (err,) = [e for e in session.events() if isinstance(e, events.PeerProtocolError)]
     assert isinstance(err.error, TruncatedStream) and err.error.buffered == 7
 
 
 def test_wrong_direction_message_is_a_protocol_error() -> None:
     session = BridgeSession("r")
-    session.send(events.ConnectionOpened())
+    session.handle(events.ConnectionOpened())
     session.receive_data(encode(CardRemove()))
     assert any(isinstance(e, events.PeerProtocolError) for e in session.events())
 
@@ -426,7 +426,7 @@ def test_shutdown_fails_pending_removes_card_and_reader() -> None:
     link = ready_link(hold_card=True)
     seq = link.guest(SELECT)
     link.to_qemu.clear()
-    link.send(events.Shutdown())
+    link.handle(events.Shutdown())
     assert sent_types(link) == ["Error", "CardRemove", "ReaderRemove"]
     assert link.device.answer_for(seq).outcome is Outcome.FAILED
     assert link.of(events.ShutdownComplete) and link.session.state is State.CLOSED
@@ -435,7 +435,7 @@ def test_shutdown_fails_pending_removes_card_and_reader() -> None:
 
 def test_shutdown_while_disconnected_completes_at_once() -> None:
     session = BridgeSession("r")
-    session.send(events.Shutdown())
+    session.handle(events.Shutdown())
     assert list(session.events()) == [events.ShutdownComplete()]
 
 

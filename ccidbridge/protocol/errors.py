@@ -62,3 +62,9 @@ class UnexpectedDirection(VSCardError):
     def __init__(self, type_name: str) -> None:
         super().__init__(f"the peer sent {type_name}, which its role never sends")
         self.type_name = type_name
+
+
+class LocalProtocolError(Exception):
+    """The caller misused a session (an event it does not take, or one after
+    the session closed): a bug on our side, never the peer's fault.  Not a
+    :class:`VSCardError`, so it is never mistaken for a peer's garbage."""

@@ -1,6 +1,6 @@
 """Events a :class:`~ccidbridge.protocol.session.BridgeSession` takes and gives.
 
-Inputs ("the runtime tells the session") are passed to ``session.send()``;
+Inputs ("the runtime tells the session") are passed to ``session.handle()``;
 outputs ("the session tells the runtime") come from ``session.events()``.
 All are small frozen values.
 """
@@ -203,4 +203,25 @@ InputEvent = (
     | ApduFailed
     | Shutdown
     | ReleaseAtr
+)
+
+
+OutputEvent = (
+    TransmitApdu
+    | HoldAtr
+    | PeerInit
+    | Synchronized
+    | AtrAccepted
+    | AtrRewritten
+    | AtrRefused
+    | ControlRefused
+    | ResponseChained
+    | ApduAnsweredLocally
+    | ApduRefused
+    | PendingFailed
+    | StaleApduDropped
+    | LateResponseDropped
+    | UnexpectedMessage
+    | PeerProtocolError
+    | ShutdownComplete
 )

@@ -55,7 +55,7 @@ from ccidbridge.protocol import chaining, events
 from ccidbridge.protocol.atr import AtrError, announce_t0
 from ccidbridge.protocol.atr import parse as parse_atr
 from ccidbridge.protocol.decoder import FrameDecoder
-from ccidbridge.protocol.errors import UnexpectedDirection, VSCardError
+from ccidbridge.protocol.errors import LocalProtocolError, UnexpectedDirection, VSCardError
 from ccidbridge.protocol.messages import (
     Atr,
     CardRemove,
@@ -111,7 +111,7 @@ class BridgeSession:
         self._hold_token = 0
         self.state = State.DISCONNECTED
         self._atr: bytes | None = None  # the host card's ATR; None = no card
-        self._events: deque[object] = deque()
+        self._events: deque[events.OutputEvent] = deque()
         self._next_seq = 0  # sequence numbers never repeat, across connections
         self._reset_connection()
 
@@ -143,12 +143,12 @@ class BridgeSession:
         self._out.clear()
         return out
 
-    def events(self) -> Iterator[object]:
+    def events(self) -> Iterator[events.OutputEvent]:
         """Drain the output events, oldest first."""
         while self._events:
             yield self._events.popleft()
 
-    def send(self, event: events.InputEvent) -> None:
+    def handle(self, event: events.InputEvent) -> None:
         """Tell the session what happened on the host side."""
         match event:
             case events.ApduResponse(seq, data):
@@ -176,7 +176,7 @@ class BridgeSession:
                         self._announce_card()
                     self._maybe_synchronized()
             case _:
-                raise TypeError(f"not a session input event: {event!r}")
+                raise LocalProtocolError(f"not a session input event: {type(event).__name__}")
 
     def receive_data(self, data: bytes) -> None:
         """Bytes arrived from QEMU."""
@@ -204,7 +204,7 @@ class BridgeSession:
 
     def _open(self) -> None:
         if self.state is State.CLOSED:
-            raise RuntimeError("session is closed")
+            raise LocalProtocolError("the session is closed")
         self._reset_connection()
         self.state = State.SYNCING
         self._emit_now(Init())  # R1

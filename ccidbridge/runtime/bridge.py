@@ -153,7 +153,7 @@ class CardBridge:
                 self._backlog = None
             self.log.info("connected to QEMU (%s)", peer)
             self.connected.set()
-            self.session.send(ev.ConnectionOpened())
+            self.session.handle(ev.ConnectionOpened())
             self._flush()
         if self._to_card:
             self._give_card()
@@ -178,7 +178,7 @@ class CardBridge:
             if self._watchdog is not None:
                 self._watchdog.cancel()
                 self._watchdog = None
-            self.session.send(ev.ConnectionClosed())
+            self.session.handle(ev.ConnectionClosed())
             self._flush()
         if self._to_card:
             self._give_card()
@@ -188,7 +188,7 @@ class CardBridge:
     def _tell(self, event: ev.InputEvent) -> None:
         """Give the session ``event`` and carry out what it says (loop thread)."""
         with self._lock:
-            self.session.send(event)
+            self.session.handle(event)
             self._flush()
         if self._to_card:
             self._give_card()
@@ -217,9 +217,9 @@ class CardBridge:
             elif self._hung:
                 self.log.info("the card answered again after its timeout")
             if response is not None:  # one without SW1 SW2 is failed by the session (R5)
-                self.session.send(ev.ApduResponse(seq, response))
+                self.session.handle(ev.ApduResponse(seq, response))
             else:
-                self.session.send(ev.ApduFailed(seq, error or "no status word"))
+                self.session.handle(ev.ApduFailed(seq, error or "no status word"))
             self._flush()
         if self._to_card:
             self._give_card()
@@ -251,7 +251,7 @@ class CardBridge:
             ):
                 return False
             session = self.session
-            session.send(ev.ApduResponse(seq, response))
+            session.handle(ev.ApduResponse(seq, response))
             events = list(session.events())
             out = session.data_to_send()
             if out:
@@ -310,8 +310,8 @@ class CardBridge:
                     self._timeout,
                 )
                 self._hung = True
-                self.session.send(ev.ApduFailed(seq, "timeout"))
-                self.session.send(ev.CardRemoved())
+                self.session.handle(ev.ApduFailed(seq, "timeout"))
+                self.session.handle(ev.CardRemoved())
             self._flush()
             if self._inflight:
                 oldest = min(started for started, _ in self._inflight.values())
