@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -55,4 +54,4 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_CONFIG
     trace = 0 if args.quiet else min(args.verbose, 2)
-    return asyncio.run(Service(cards, trace=trace).run())
+    return Service(cards, trace=trace).run()

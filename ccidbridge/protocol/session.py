@@ -377,7 +377,13 @@ class BridgeSession:
                 if chain.remaining:
                     self._chain = chain
                 self._events.append(events.ApduAnsweredLocally(apdu, len(part)))
-                self._emit_apdu_answer(part)
+                if self._pending:  # R5: in arrival order, behind older requests
+                    seq = self._next_seq
+                    self._next_seq = seq + 1
+                    self._pending.append(seq)
+                    self._early[seq] = part
+                else:
+                    self._emit_apdu_answer(part)
                 return
         if self._qemu_atr is None or self.state is State.CLOSING:
             self._events.append(events.ApduRefused(apdu, "no card is announced to QEMU"))
