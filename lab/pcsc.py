@@ -32,6 +32,7 @@ from pathlib import Path
 
 from smartcard import scard
 
+from ccidbridge.card.listing import PcscUnavailable, reader_names
 from lab.process import reap
 from lab.vpcd_card import (
     DEFAULT_ATR,
@@ -141,19 +142,8 @@ def write_reader_conf(directory: Path, slots: list[ReaderSlot], driver_dir: Path
 
 
 def list_readers() -> list[str]:
-    """Reader names from pcscd, or raise ``OSError``-ish ``LabError`` carrying the hresult."""
-    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    if hr != scard.SCARD_S_SUCCESS:
-        raise PcscError(hr)
-    try:
-        hr, readers = scard.SCardListReaders(ctx, [])
-        if hr == scard.SCARD_E_NO_READERS_AVAILABLE:
-            return []
-        if hr != scard.SCARD_S_SUCCESS:
-            raise PcscError(hr)
-        return list(readers)
-    finally:
-        scard.SCardReleaseContext(ctx)
+    """Reader names from pcscd: the product's own listing (``ccidbridge readers``)."""
+    return reader_names()
 
 
 class PcscError(LabError):
@@ -437,7 +427,7 @@ class PcscStack:
                 if want <= have:
                     return
                 last = sorted(have)
-            except PcscError as exc:  # NO_SERVICE until the socket is up
+            except PcscUnavailable as exc:  # NO_SERVICE until the socket is up
                 last = exc
             if time.monotonic() - t0 > self.start_timeout:
                 raise LabError(

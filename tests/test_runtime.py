@@ -172,10 +172,15 @@ def test_handshake_acked_by_real_qemu_connecting_to_the_bridge(
 
 
 @pytest.mark.qemu
-def test_qemu_killed_and_restarted_bridge_resyncs_from_its_capped_backoff(qemu_passthru) -> None:
+@pytest.mark.parametrize("trace", [0, 2], ids=["trace-off", "trace-vv"])
+def test_qemu_killed_and_restarted_bridge_resyncs_from_its_capped_backoff(
+    qemu_passthru, trace: int
+) -> None:
     first: QemuPassthru = qemu_passthru("tcp")
     ep = first.endpoint
-    with RunningBridge(served_card(_bridge_side(ep, listens=False)), InstantCard()) as b:
+    with RunningBridge(
+        served_card(_bridge_side(ep, listens=False)), InstantCard(), trace=trace
+    ) as b:
         b.wait_synced()
         first.kill()
         b.wait(lambda br: not br.connected.is_set())
@@ -269,3 +274,27 @@ def test_a_peer_that_stops_reading_gets_no_new_commands_in_and_all_answers_later
     finally:
         server.close()
         bridge.stop()
+
+
+def test_a_peer_that_stops_reading_then_goes_away_costs_only_its_connection(tmp_path) -> None:
+    path = str(tmp_path / "q.sock")
+    bridge = RunningBridge(served_card(Endpoint("unix", True, path=path)), reversing_card())
+    with bridge:
+        bridge.wait_log("listening on")
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(path)
+        conn.settimeout(5)
+        _handshake_as_qemu(conn, FrameDecoder())
+        conn.setblocking(False)
+        stalled = 0
+        while stalled < 50:  # until neither side takes more
+            try:
+                conn.sendall(frame(MsgType.APDU, 0, b"\x80\x10\x00\x00\x04\x01\x02\x03\x04"))
+            except BlockingIOError:
+                stalled += 1
+                time.sleep(0.01)
+        conn.close()  # gone, with the bridge's answers unread
+        bridge.wait_log("connection to QEMU closed")
+        with DevicePeer("unix", listen=False, path=path) as peer:
+            peer.wait_card(True)
+            assert peer.guest(b"\x00\xa4\x00\x00").data == echo_card(b"\x00\xa4\x00\x00")
