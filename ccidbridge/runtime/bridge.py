@@ -49,12 +49,13 @@ from ccidbridge.config.model import ServedCard
 from ccidbridge.protocol import events as ev
 from ccidbridge.protocol.atr import hexatr
 from ccidbridge.protocol.session import BridgeSession
-from ccidbridge.runtime import apdulog
+from ccidbridge.runtime import apdulog, peers
 from ccidbridge.runtime.transport import (
     RETRY_MAX,
     RETRY_MIN,
     Connection,
     Listener,
+    TransportError,
     finish_connect,
     is_loopback,
     start_connect,
@@ -151,6 +152,8 @@ class CardBridge:
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
         self._said_waiting = False
+        self._said: set[str] = set()  # conditions logged once until they end
+        self._peer_uids = peers.default_peer_uids()
         self._out = bytearray()
         self._reading = False
         self._holds: list[tuple[float, int]] = []  # (due, token) for ReleaseAtr (R10)
@@ -171,6 +174,10 @@ class CardBridge:
                     self._endpoint.host,
                     self._endpoint.port,
                 )
+            if self._endpoint.kind == "unix" and self._endpoint.path:
+                problem = peers.directory_problem(self._endpoint.path, self._peer_uids)
+                if problem:
+                    raise TransportError(f"not listening on {self._endpoint.path}: {problem}")
             self._listener = Listener(self._endpoint)
             self._poll.register(self._listener.fd, _IN)
             self.log.info("listening on %s", self._endpoint.describe())
@@ -517,6 +524,13 @@ class CardBridge:
         )
 
     def _try_connect(self) -> None:
+        ep = self._endpoint
+        if ep.kind == "unix" and ep.path:
+            problem = peers.directory_problem(ep.path, self._peer_uids)
+            if problem:
+                self._once("dir", logging.ERROR, f"not connecting to {ep.path}: {problem}")
+                self._retry_later()
+                return
         try:
             sock, done = start_connect(self._endpoint)
         except OSError as exc:
@@ -545,8 +559,16 @@ class CardBridge:
                 "waiting for QEMU on %s (%s)", self._endpoint.describe(), exc.strerror or exc
             )
             self._said_waiting = True
+        self._retry_later()
+
+    def _retry_later(self) -> None:
         self._retry_at = time.monotonic() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _once(self, key: str, level: int, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.log.log(level, "%s", message)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -565,6 +587,20 @@ class CardBridge:
         self._connection_up(sock, peer)
 
     def _connection_up(self, sock: socket.socket, peer: str) -> None:
+        if sock.family == socket.AF_UNIX:
+            uid = peers.peer_uid(sock)
+            if uid not in self._peer_uids:
+                sock.close()
+                self._once(
+                    f"uid:{uid}",
+                    logging.WARNING,
+                    f"refused the peer on {peer}: it runs as {peers.user_name(uid)}, not as an "
+                    f"accepted user ({peers.describe_uids(self._peer_uids)})",
+                )
+                if not self._endpoint.bridge_listens:
+                    self._retry_later()
+                return
+        self._said.clear()
         self._said_waiting = False
         self._retry_delay = RETRY_MIN
         conn = Connection(sock, self._endpoint, peer)
