@@ -138,8 +138,8 @@ def _serve(kids: list[Child], peer: Peer, mode: str, *extra: str, handshake: boo
 def _in_process_bridge(peer: Peer, reader: str) -> Iterator[None]:
     """A CardBridge with the real PC/SC card side on a thread of this process."""
     from ccidbridge.card.pcsc import PcscCard
-    from ccidbridge.config.model import ReaderSpec, ServedCard
     from ccidbridge.runtime.bridge import CardBridge
+    from ccidbridge.spec import ReaderSpec, ServedCard
 
     served = ServedCard("inproc", peer.endpoint, ReaderSpec(name=reader))
     loop = asyncio.new_event_loop()

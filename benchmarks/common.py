@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 from lab.twin import QemuDevice
 
 ROOT = Path(__file__).resolve().parent.parent

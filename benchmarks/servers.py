@@ -37,7 +37,7 @@ import struct
 import sys
 import time
 
-from ccidbridge.config.model import Endpoint, ReaderSpec, ServedCard
+from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard
 
 _HDR = struct.Struct(">III")
 APDU_TYPE = 7

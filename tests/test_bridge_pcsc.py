@@ -12,8 +12,8 @@ import pytest
 from smartcard import scard
 
 from ccidbridge.card.pcsc import PcscCard
-from ccidbridge.config.model import ReaderSpec, Share
 from ccidbridge.protocol.atr import announce_t0
+from ccidbridge.spec import ReaderSpec, Share
 from lab.bridgeproc import write_config
 from lab.device_peer import DevicePeer
 from lab.pcsc import PcscStack, direct_transmit

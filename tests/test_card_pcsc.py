@@ -31,7 +31,8 @@ from ccidbridge.card.pcsc import (
     reader_matches,
 )
 from ccidbridge.cli import main as cli_main
-from ccidbridge.config.model import Protocol, ReaderSpec, Share
+from ccidbridge.spec import CardProtocol as Protocol  # the lead renames the uses
+from ccidbridge.spec import ReaderSpec, Share
 from lab.pcsc import HostConnection, PcscStack, entry_name
 from lab.vicc import VICC_ATR
 from lab.vpcd_card import ATR_PRESETS, pattern

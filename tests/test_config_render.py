@@ -13,8 +13,8 @@ import pytest
 from ccidbridge.cli import main
 from ccidbridge.config import installed, loads
 from ccidbridge.config.layout import layout
-from ccidbridge.config.model import Endpoint, Protocol, Share
 from ccidbridge.config.qemu_argv import NEWEST, QemuVersion, argv, render, shell_quote
+from ccidbridge.spec import CardProtocol, Endpoint, Share
 
 UNIX_RECONNECT = ("<ccidbridge><smartcard mode='passthrough' type='unix'><source mode='connect' "
                   "path='/tmp/channel/asdf'><reconnect enabled='yes' timeout='20'/></source>"
@@ -98,7 +98,7 @@ def test_served_card_fields() -> None:
     r = first.reader
     assert (r.match, r.atr, r.atr_mask) == ("Virtual*", b"\x3b\x00\x11", b"\xff\xff\x00")
     assert (r.share, r.protocol, r.rewrite_atr, r.apdu_timeout, r.line) == (
-        Share.SHARED, Protocol.T1, False, 2.5, 4)  # the line the <reader> starts on
+        Share.SHARED, CardProtocol.T1, False, 2.5, 4)  # the line the <reader> starts on
     assert second.label == "vm.xml:7 smartcard1"
     assert second.endpoint == Endpoint(kind="unix", bridge_listens=False, path="/tmp/s")
     assert second.reader.name is None and second.reader.rewrite_atr is True

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 from lab.device_peer import DevicePeer
 from lab.instant_card import DEFAULT_ATR, InstantCard
 from lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint, free_tcp_port

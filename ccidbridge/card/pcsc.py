@@ -56,8 +56,9 @@ from dataclasses import dataclass
 from smartcard import scard
 
 from ccidbridge.card.base import CardSink
-from ccidbridge.config.model import Protocol, ReaderSpec, Share
 from ccidbridge.protocol.atr import hexatr
+from ccidbridge.spec import CardProtocol as Protocol  # the lead renames the uses
+from ccidbridge.spec import ReaderSpec, Share
 
 PNP_READER = "\\\\?PnP?\\Notification"
 #: GetStatusChange timeout: the fallback rescan of the reader list.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
-from ccidbridge.config.model import ReaderSpec
 from ccidbridge.config.serving import notes
+from ccidbridge.spec import ReaderSpec
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -7,7 +7,6 @@ import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.commands.qemu_argv import add_version_option, version_of
-from ccidbridge.config.layout import layout
 from ccidbridge.config.libvirt_xml import render
 
 
@@ -33,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return EXIT_CONFIG
-    sys.stdout.write(render(layout(config.devices), version_of(args), portable=args.portable))
+    sys.stdout.write(render(config.layout, version_of(args), portable=args.portable))
     return 0

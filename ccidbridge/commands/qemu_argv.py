@@ -7,7 +7,6 @@ import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.config.installed import qemu_version
-from ccidbridge.config.layout import layout
 from ccidbridge.config.qemu_argv import QemuVersion, render
 
 
@@ -49,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return EXIT_CONFIG
-    sys.stdout.write(render(layout(config.devices), version_of(args), add_usb=args.usb))
+    sys.stdout.write(render(config.layout, version_of(args), add_usb=args.usb))
     return 0

@@ -30,7 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ccidbridge.config.layout import Layout, PlacedCard, PlacedChannel, usb_bus
-from ccidbridge.config.model import DEFAULT_NSS_DB, DEFAULT_TLS_DIR, SPICE_AGENT_NAME, Chardev
+from ccidbridge.config.model import DEFAULT_NSS_DB, DEFAULT_TLS_DIR, Chardev
+from ccidbridge.config.vocabulary import SPICE_AGENT_NAME
 
 Props = list[tuple[str, object]]
 

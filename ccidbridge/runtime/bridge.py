@@ -22,12 +22,12 @@ import threading
 import time
 
 from ccidbridge.card.base import CardSide
-from ccidbridge.config.model import ServedCard
 from ccidbridge.protocol import events as ev
 from ccidbridge.protocol.atr import hexatr
 from ccidbridge.protocol.session import BridgeSession, State
 from ccidbridge.runtime import apdulog
 from ccidbridge.runtime.transport import Link
+from ccidbridge.spec import ServedCard
 
 #: How long shutdown waits for QEMU to ack CardRemove and ReaderRemove.
 SHUTDOWN_ACK_TIMEOUT = 1.0

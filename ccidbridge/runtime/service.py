@@ -14,9 +14,9 @@ import signal
 from collections.abc import Callable
 
 from ccidbridge.card.base import CardSide
-from ccidbridge.config.model import ServedCard
 from ccidbridge.runtime.bridge import CardBridge
 from ccidbridge.runtime.transport import TransportError
+from ccidbridge.spec import ServedCard
 
 log = logging.getLogger("ccidbridge")
 

@@ -26,7 +26,7 @@ import stat
 import tempfile
 from typing import Protocol
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 
 #: Reconnect backoff: first retry after this, doubling up to RETRY_MAX.  The
 #: cap bounds how long a restarted QEMU waits for us (issue 6: <= 1 s from
