@@ -95,7 +95,7 @@ def entry_name(index: int, base: str = DEFAULT_NAME) -> str:
     return f"{base} {chr(ord('A') + index)}"
 
 
-def layout(n_entries: int, base_port: int = DEFAULT_BASE_PORT) -> list[ReaderSlot]:
+def vpcd_slots(n_entries: int, base_port: int = DEFAULT_BASE_PORT) -> list[ReaderSlot]:
     """Reader names and ports for ``n_entries`` vpcd entries (2 slots each).
 
     Entry ``i`` listens on ``base_port + 2*i`` (slot 00) and ``+1`` (slot 01).
@@ -140,7 +140,7 @@ def write_reader_conf(directory: Path, slots: list[ReaderSlot], driver_dir: Path
         )
 
 
-def list_readers() -> list[str]:
+def reader_names() -> list[str]:
     """Reader names from pcscd, or raise ``OSError``-ish ``LabError`` carrying the hresult."""
     hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
     if hr != scard.SCARD_S_SUCCESS:
@@ -327,7 +327,7 @@ class PcscStack:
         self.start_timeout = start_timeout
         self._own_tmp: tempfile.TemporaryDirectory[str] | None = None
         self._workdir = Path(workdir) if workdir is not None else None
-        self.slots: list[ReaderSlot] = layout(n_entries, base_port)
+        self.slots: list[ReaderSlot] = vpcd_slots(n_entries, base_port)
         self.proc: subprocess.Popen[bytes] | None = None
         #: seconds from exec to all readers listed, for the last start
         self.start_seconds: float | None = None
@@ -433,7 +433,7 @@ class PcscStack:
                     f"pcscd exited with rc {self.proc.returncode}; log:\n{self.log_tail()}"
                 )
             try:
-                have = set(list_readers())
+                have = set(reader_names())
                 if want <= have:
                     return
                 last = sorted(have)
@@ -492,7 +492,7 @@ class PcscStack:
         for c in cards:
             c.remove(wait=False)
         self.n_entries = need
-        self.slots = layout(need, self.base_port)
+        self.slots = vpcd_slots(need, self.base_port)
         if was_running:
             self.start()
             for c in cards:  # existing slots keep their names and ports
@@ -706,8 +706,8 @@ __all__ = [
     "PcscError",
     "PcscStack",
     "ReaderSlot",
-    "layout",
-    "list_readers",
+    "vpcd_slots",
+    "reader_names",
     "require_isolated",
     "wait_card_state",
     "write_reader_conf",

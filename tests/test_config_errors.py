@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ccidbridge import cli
 from ccidbridge.cli import main
 from ccidbridge.config import ConfigError, load, loads
 from ccidbridge.config.document import MAX_BYTES
@@ -289,3 +290,22 @@ def test_many_elements_on_one_line_stay_linear() -> None:
     with pytest.raises(ConfigError) as info:
         loads(f"<ccidbridge>{cards}<!-- {'x' * 400_000} --><bogus/></ccidbridge>", "vm.xml")
     assert str(info.value).startswith("vm.xml:1: unexpected <bogus>"), info.value
+
+
+# ------------------------------------------------------------------------------ the CLI itself
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    done = _cli("bogus", "x.xml")
+    assert done.returncode == 2 and "invalid choice: 'bogus'" in done.stderr, done
+    assert "Traceback" not in done.stderr
+
+
+def test_import_error_inside_a_command_surfaces(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command module whose own import fails is a bug to show, not a command to hide."""
+    (tmp_path / "broken_command.py").write_text("import no_such_module_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "broken_command"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_anywhere"):
+        cli.build_parser()

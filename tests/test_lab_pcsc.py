@@ -18,7 +18,7 @@ from lab.pcsc import (
     HostConnection,
     LabError,
     PcscStack,
-    list_readers,
+    reader_names,
     wait_card_state,
 )
 from lab.vpcd_card import ATR_PRESETS, pattern
@@ -38,8 +38,8 @@ def test_refuses_outside_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
         PcscStack(1).start()
 
 
-def test_layout_ports_and_names() -> None:
-    slots = lab_pcsc.layout(3)
+def test_vpcd_slots_ports_and_names() -> None:
+    slots = lab_pcsc.vpcd_slots(3)
     assert [(s.name, s.port) for s in slots] == [
         ("Virtual PCD 00 00", 35963),
         ("Virtual PCD 00 01", 35964),
@@ -52,7 +52,7 @@ def test_layout_ports_and_names() -> None:
 
 def test_readers_listed(pcsc_stack: PcscStack, record_property) -> None:  # noqa: ANN001
     assert pcsc_stack.running
-    assert list_readers() == pcsc_stack.readers
+    assert reader_names() == pcsc_stack.readers
     # the high-level API agrees
     assert [str(r) for r in system_readers()] == pcsc_stack.readers
     assert pcsc_stack.start_seconds is not None and pcsc_stack.start_seconds < 2.0
@@ -246,7 +246,7 @@ def test_pcscd_restart(pcsc_stack: PcscStack, test_card) -> None:  # noqa: ANN00
     old_pid = pcsc_stack.pid
     pcsc_stack.restart()
     assert pcsc_stack.pid != old_pid and pcsc_stack.running
-    assert list_readers() == pcsc_stack.readers
+    assert reader_names() == pcsc_stack.readers
     # old contexts stay dead (notes §1)
     hr, _ = scard.SCardListReaders(old_ctx, [])
     assert _hr(hr) == 0x8010001D
@@ -265,7 +265,7 @@ def test_more_readers_on_demand(pcsc_stack: PcscStack, test_card) -> None:  # no
     """ensure_slots() grows the stack (pcscd restart); the new entry's slots work."""
     pcsc_stack.ensure_slots(6)
     assert len(pcsc_stack.slots) >= 6
-    assert list_readers() == pcsc_stack.readers
+    assert reader_names() == pcsc_stack.readers
     card = test_card("t1", reader="Virtual PCD C 00 01", process=False)
     assert card.port == 35968
     with HostConnection(card.reader) as c:
