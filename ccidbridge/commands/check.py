@@ -9,7 +9,7 @@ from ccidbridge.config.serving import notes
 from ccidbridge.spec import ReaderSpec
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "check", help="validate a config and show what `run` would serve",
         description="Validate CONFIG (schema + libvirt 9.0's rules) and list which cards "

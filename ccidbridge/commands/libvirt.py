@@ -10,7 +10,7 @@ from ccidbridge.commands.qemu_argv import add_version_option, version_of
 from ccidbridge.config.libvirt_xml import render
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "libvirt", help="print the devices to paste into a libvirt domain",
         description="Print CONFIG's ccid controller(s), smartcard(s) and channel(s) as "

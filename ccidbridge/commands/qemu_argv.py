@@ -29,7 +29,7 @@ def version_of(args: argparse.Namespace) -> QemuVersion:
     return args.qemu_version if args.qemu_version is not None else qemu_version()
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "qemu-argv", help="print the QEMU arguments for the config's devices",
         description="Print the QEMU arguments libvirt 9.0 builds for CONFIG's devices, "

@@ -105,7 +105,7 @@ class _Reader:
     def value(self, node: etree._Element, spec: Element, name: str) -> str | None:
         """Attribute ``name`` checked against the vocabulary (its default when absent)."""
         attr = spec.attr(name)
-        value = node.get(name)
+        value: str | None = node.get(name)
         if value is None:
             return attr.default
         if attr.kind == "enum" and value not in attr.values:
@@ -558,17 +558,17 @@ def _check_devices(r: _Reader, devices: Devices) -> None:
         src = card.chardev.source if card.chardev else None
         if src is None or card.chardev is None or card.chardev.type not in ("tcp", "unix"):
             continue
-        key = (card.chardev.type, src.host, src.service, src.path)
-        if key in endpoints:
+        endpoint = (card.chardev.type, src.host, src.service, src.path)
+        if endpoint in endpoints:
             where = src.path or f"{src.host}:{src.service}"
             raise r.fail_at(src.line, f"{where} is already the chardev of the <smartcard> on "
-                            f"line {endpoints[key]}; each card needs its own socket")
-        endpoints[key] = card.line
+                            f"line {endpoints[endpoint]}; each card needs its own socket")
+        endpoints[endpoint] = card.line
     vs_ports: dict[tuple[int, int, int], int] = {}
     for ch in devices.channels:
         if ch.address is not None:
-            key = (ch.address.controller, ch.address.bus, ch.address.port)
-            if key in vs_ports:
-                raise r.fail_at(ch.line, f"virtio-serial port {key[2]} is used twice (also "
-                             f"on line {vs_ports[key]})")
-            vs_ports[key] = ch.line
+            vs_port = (ch.address.controller, ch.address.bus, ch.address.port)
+            if vs_port in vs_ports:
+                raise r.fail_at(ch.line, f"virtio-serial port {vs_port[2]} is used twice (also "
+                             f"on line {vs_ports[vs_port]})")
+            vs_ports[vs_port] = ch.line

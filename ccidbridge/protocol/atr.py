@@ -71,7 +71,7 @@ def parse(atr: bytes) -> ParsedAtr:
     return ParsedAtr(bytes(atr), tuple(tds), historical, tck)
 
 
-def tck(body: bytes) -> int:
+def tck(body: bytes | bytearray) -> int:
     """The check byte for ``body`` = T0..last byte before TCK."""
     x = 0
     for b in body:

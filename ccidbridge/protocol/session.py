@@ -56,6 +56,7 @@ from ccidbridge.protocol.atr import AtrError, announce_t0
 from ccidbridge.protocol.atr import parse as parse_atr
 from ccidbridge.protocol.decoder import FrameDecoder
 from ccidbridge.protocol.errors import LocalProtocolError, UnexpectedDirection, VSCardError
+from ccidbridge.protocol.events import InputEvent, OutputEvent
 from ccidbridge.protocol.messages import (
     Atr,
     CardRemove,
@@ -143,12 +144,12 @@ class BridgeSession:
         self._out.clear()
         return out
 
-    def events(self) -> Iterator[events.OutputEvent]:
+    def events(self) -> Iterator[OutputEvent]:
         """Drain the output events, oldest first."""
         while self._events:
             yield self._events.popleft()
 
-    def handle(self, event: events.InputEvent) -> None:
+    def handle(self, event: InputEvent) -> None:
         """Tell the session what happened on the host side."""
         match event:
             case events.ApduResponse(seq, data):
