@@ -1,4 +1,4 @@
-"""``python -m benchmarks [ITEM...]``: run issue 6's benchmarks, print a table, write JSON.
+"""``python -m benchmarks [ITEM...]``: run the benchmarks (docs/performance.md), print tables, JSON.
 
 Items (all by default, in this order): apdu, overhead, events, recovery,
 memory, scale, codec, config.  Run inside ``.ci/isolated`` (``make bench``): the

@@ -16,7 +16,7 @@ timing peer (QEMU's end, a real socket) -> bridge process -> pcscd -> vpcd
 * ``floor`` = ``direct`` + ``socket floor``, summed sample by sample (same
   round, same position), so it is a distribution too: what a bridge with
   zero cost of its own would measure;
-* ``relay`` (calibration): issue 6's minimal blocking relay — read a frame,
+* ``relay`` (calibration): the minimal blocking relay — read a frame,
   SCardTransmit, write the answer — serving card C;
 * ``session relay`` (design probe): ccidbridge's BridgeSession driven by one
   blocking thread that calls SCardTransmit itself, serving card D: what a

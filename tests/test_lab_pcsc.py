@@ -117,7 +117,7 @@ def test_high_level_pyscard(test_card) -> None:  # noqa: ANN001
 
 
 def test_card_process_latency(test_card, record_property) -> None:  # noqa: ANN001
-    """Per-APDU round trip through pcscd to our card process (notes: ~0.1 ms)."""
+    """Per-APDU round trip through pcscd to our card process (docs/lab.md#V6: ~0.1 ms)."""
     card = test_card("dual")
     assert card.pid is not None
     with HostConnection(card.reader) as c:
@@ -131,7 +131,7 @@ def test_card_process_latency(test_card, record_property) -> None:  # noqa: ANN0
             assert resp[-2:] == b"\x90\x00"
     med = statistics.median(times)
     record_property("apdu_median_us", round(med * 1e6, 1))
-    # 44 ms would mean the Nagle/delayed-ACK stall is back (notes §3)
+    # 44 ms would mean the Nagle/delayed-ACK stall is back (docs/lab.md#V6)
     assert med < 0.005, f"median {med * 1e3:.2f} ms"
 
 
@@ -179,7 +179,7 @@ def test_crash_gives_empty_response_then_removal(test_card) -> None:  # noqa: AN
     card = test_card("dual", ["crash=B0"])
     with HostConnection(card.reader) as c:
         assert c.ok("0084000004")[-2:] == b"\x90\x00"
-        assert c.tx("00B0000004") == (OK, b"")  # rv=0, empty (notes §2)
+        assert c.tx("00B0000004") == (OK, b"")  # rv=0, empty (docs/lab.md#V7)
         assert c.tx("0084000004")[0] == 0x80100016  # SCARD_E_NOT_TRANSACTED
     wait_card_state(card.reader, False, 3)
     assert card.card is not None and card.card.poll() == 1
@@ -192,7 +192,7 @@ def test_hang_blocks_until_card_killed(test_card) -> None:  # noqa: ANN001
         t = threading.Thread(target=lambda: result.append(c.tx("0088000000")))
         t.start()
         t.join(0.5)
-        assert t.is_alive() and not result  # pcscd has no timeout (notes §2)
+        assert t.is_alive() and not result  # pcscd has no timeout (docs/lab.md#V7)
         card.kill(wait=False)
         t.join(5)
         assert not t.is_alive()
@@ -247,7 +247,7 @@ def test_pcscd_restart(pcsc_stack: PcscStack, test_card) -> None:  # noqa: ANN00
     pcsc_stack.restart()
     assert pcsc_stack.pid != old_pid and pcsc_stack.running
     assert reader_names() == pcsc_stack.readers
-    # old contexts stay dead (notes §1)
+    # old contexts stay dead (docs/lab.md#V3)
     hr, _ = scard.SCardListReaders(old_ctx, [])
     assert _hr(hr) == 0x8010001D
     scard.SCardReleaseContext(old_ctx)

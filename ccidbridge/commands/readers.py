@@ -2,8 +2,8 @@
 
 The ATR is printed the way ``<reader atr=...>`` accepts it, so it can be
 copied into a config.  When pcscd is not running this says so in one line and
-exits 1 (pyscard itself would raise an EstablishContextException,
-test-stack.md §1).
+exits 1 (pyscard itself would raise an EstablishContextException while
+pcscd is down, docs/lab.md#V3).
 """
 
 from __future__ import annotations

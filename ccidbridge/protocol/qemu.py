@@ -1,8 +1,9 @@
 """What QEMU 7.2's ``ccid-card-passthru`` and ``usb-ccid`` impose on a peer.
 
 Every QEMU quirk the bridge works around is named here once, with its reason;
-the rest of the code refers to these names.  Source: qemu-passthru.md,
-verified against Debian's QEMU 7.2.22 and a real Linux guest.
+the rest of the code refers to these names.  The facts behind them are
+protocol/VSCARD.md#Q1 .. #Q16, observed on Debian's QEMU 7.2.22 and a real
+Linux guest.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ written comes out of ``data_to_send()``, what the runtime must do or may log
 comes out of ``events()``.  One session object lives as long as the bridge
 serves one card, across any number of connections.
 
-Every rule QEMU 7.2 imposes on its peer (qemu-passthru.md) is enforced here:
+Every rule QEMU 7.2 imposes on its peer (protocol/VSCARD.md#Q1 .. #Q16) is
+enforced here:
 
 R1  Init first on every connection; QEMU never sends one on connect, except
     the unsolicited one with ``wait=on``.  Any Init the peer sends, whenever,
