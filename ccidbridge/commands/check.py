@@ -12,7 +12,7 @@ from ccidbridge.spec import ReaderSpec
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "check", help="validate a config and show what `run` would serve",
-        description="Validate CONFIG (schema + libvirt 9.0's rules) and list which cards "
+        description="Validate CONFIG (libvirt 9.0's vocabulary and rules) and list which cards "
         "`ccidbridge run` would serve, and which it would not, with the reason.",
     )
     parser.add_argument("config", metavar="CONFIG")

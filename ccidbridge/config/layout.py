@@ -1,8 +1,8 @@
 """libvirt 9.0's normalization of the config's devices: indexes, addresses, aliases.
 
-Pure: from ``Devices`` to a ``Layout`` that both renderers read.  The rules,
-all checked against ``virsh define`` + ``dumpxml --inactive`` and
-``domxml-to-native`` (tests/test_libvirt_oracle.py):
+Pure: from ``Devices`` to a ``Layout`` that both renderers read.  The rules
+(docs/libvirt.md#L4 .. #L8), all checked against ``virsh define`` +
+``dumpxml --inactive`` and ``domxml-to-native`` (tests/test_libvirt_oracle.py):
 
 * A smartcard without an address gets ``controller='0' slot='0'``; a missing
   ``<controller type='ccid' index='0'>`` is added (virDomainDefMaybeAddSmartcardController).
