@@ -1,6 +1,6 @@
 """Run qemu-system-x86_64 for tests: output to files, a QMP socket, kill by pid.
 
-The "QEMU alone" passthru setup (test-stack.md part B, qemu-passthru.md §5)
+The "QEMU alone" passthru setup (docs/lab.md#V11, protocol/VSCARD.md#Q5)
 needs no guest OS: QEMU answers every VSCard control message itself, which is
 enough for handshake tests.  Facts that shape this module:
 
@@ -135,7 +135,7 @@ def passthru_args(
     """Argv (without the binary) for QEMU alone with one passthru card per endpoint.
 
     One ``usb-ccid`` + ``ccid-card-passthru`` + chardev set per endpoint, since
-    usb-ccid has a single slot (qemu-passthru.md gotcha 5).  ``server=True``:
+    usb-ccid has a single slot (protocol/VSCARD.md#Q16).  ``server=True``:
     QEMU listens (``server=on,wait=off``); ``False``: QEMU connects
     (``reconnect=1``) to a listener the caller provides.  Device ids are
     ``ccid{i}`` / ``pt{i}``, chardev ids ``cc{i}``.
@@ -338,7 +338,7 @@ class Qemu:
 
 
 class QemuPassthru(Qemu):
-    """QEMU alone with ``ccid-card-passthru`` on socket chardevs (test-stack.md part B).
+    """QEMU alone with ``ccid-card-passthru`` on socket chardevs (docs/lab.md#V11).
 
     ``transport`` "tcp" picks a free port, "unix" a socket in ``workdir``;
     ``n_cards`` sets of usb-ccid + passthru.  With ``server=True`` (default)

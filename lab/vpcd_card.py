@@ -1,11 +1,11 @@
 """ccidbridge's own deterministic test card, speaking vpcd's socket protocol.
 
-Why our own card and not vicc (notes test-stack.md §3 "Recommendation"):
+Why our own card and not vicc (docs/lab.md#V9):
 Debian 12's vicc needs a wrapper, crashes on some APDUs and cannot be told to
 hang or answer with chosen status words.  This card can, and it runs at about
 0.1 ms per APDU.
 
-vpcd protocol (notes §3 "vpcd wire protocol"): the card is the TCP *client* of
+vpcd protocol (docs/lab.md#V5): the card is the TCP *client* of
 vpcd's per-slot port.  Every message is a 2-byte big-endian length plus
 payload.  One-byte payloads are control messages (0 off, 1 on, 2 reset, 4 send
 ATR, answered with the ATR); anything else is a C-APDU answered with the
@@ -34,7 +34,7 @@ other          6D00 (and 6E00 for CLA FF).
 
 Fault injection (``Behaviour``): ``hang_ins`` (never answer that INS),
 ``crash_ins`` (close the socket instead of answering: pcscd then returns rv=0
-with an empty response, notes §2), ``delay_ms`` (answer every APDU late).
+with an empty response, docs/lab.md#V7), ``delay_ms`` (answer every APDU late).
 
 Run as a process: ``python -m lab.vpcd_card --port P [--atr HEX|PRESET]
 [--behaviour hang=84 --behaviour crash=B0 --behaviour slow=20 --behaviour random]``.
@@ -338,7 +338,7 @@ class VpcdCard:
     """The card's vpcd client loop.  ``run()`` blocks; ``start()`` runs it on a daemon thread.
 
     Connecting retries until ``connect_timeout`` (unlike vicc, which exits rc 0
-    when pcscd is not up yet, notes §1), so start order does not matter here.
+    when pcscd is not up yet, docs/lab.md#V9), so start order does not matter here.
     """
 
     def __init__(
@@ -370,7 +370,7 @@ class VpcdCard:
             if not chunk:
                 return None
             buf += chunk
-            # Re-arm after every recv: Linux clears QUICKACK on its own (notes §3).
+            # Re-arm after every recv: Linux clears QUICKACK on its own (docs/lab.md#V6).
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return bytes(buf)
 

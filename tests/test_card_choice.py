@@ -20,7 +20,7 @@ from ccidbridge.card.choice import (
     reader_matches,
     usable,
 )
-from ccidbridge.config.model import ReaderSpec
+from ccidbridge.spec import ReaderSpec
 
 PRESENT = scard.SCARD_STATE_PRESENT
 EMPTY = scard.SCARD_STATE_EMPTY

@@ -24,7 +24,7 @@ from ccidbridge.card.listing import PcscUnavailable
 from ccidbridge.card.listing import reader_infos as list_readers
 from ccidbridge.card.pcsc import NO_CARD, NO_SW, PcscCard
 from ccidbridge.cli import main as cli_main
-from ccidbridge.config.model import Protocol, ReaderSpec, Share
+from ccidbridge.spec import CardProtocol, ReaderSpec, Share
 from lab.pcsc import HostConnection, PcscStack, entry_name
 from lab.vicc import VICC_ATR
 from lab.vpcd_card import ATR_PRESETS, pattern
@@ -234,7 +234,7 @@ def test_pcscd_restart_recovers(pcsc_stack: PcscStack, test_card, bridge: Bridge
     bc, sink = bridge(name=card.reader)
     sink.wait("inserted")
     mark = sink.mark()
-    pcsc_stack.restart(reinsert=True, sig=sig)  # every old context is dead for good (notes §1)
+    pcsc_stack.restart(reinsert=True, sig=sig)  # old contexts die (docs/pcsc-lite.md#P1)
     (_, reason) = sink.wait("removed", mark)
     assert reason == "pcscd stopped"
     (_, atr, reader) = sink.wait("inserted", mark)
@@ -262,7 +262,7 @@ def test_pcscd_down_at_start_then_up(pcsc_stack: PcscStack, test_card, bridge: B
 
 
 def test_crash_mid_apdu(test_card, bridge: Bridge) -> None:  # noqa: ANN001
-    """rv=0 with an empty answer (gotcha 11): error for the APDU, then card_removed;
+    """rv=0 with an empty answer (docs/pcsc-lite.md#P5): the APDU fails, then Removed;
     served again once a working card is present."""
     card = test_card("dual", ["crash=B0"])
     bc, sink = bridge(name=card.reader)
@@ -375,7 +375,7 @@ def test_no_card_fails_at_once(test_card, bridge: Bridge) -> None:  # noqa: ANN0
 
 def test_protocol_t0_on_t1_only_card_said_once(test_card, bridge: Bridge) -> None:  # noqa: ANN001
     card = test_card("t1", process=False)
-    _, sink = bridge(name=card.reader, protocol=Protocol.T0)
+    _, sink = bridge(name=card.reader, protocol=CardProtocol.T0)
     sink.wait("notice", pred=lambda c: "does not speak protocol=T0" in c[1])
     assert sink.quiet("inserted", 0, 1.2)
     assert len(sink.notices("protocol=T0")) == 1

@@ -47,7 +47,7 @@ def test_vicc_refuses_without_pcscd(pcsc_stack: PcscStack) -> None:
 
 
 def test_vicc_remove_and_reinsert(vicc_card: ViccProcess) -> None:
-    """Removal is 'kill vicc'; re-insertion is a new vicc on the same slot (notes §3)."""
+    """Removal is 'kill vicc'; re-insertion is a new vicc on the same slot (docs/lab.md#V9)."""
     first_pid = vicc_card.pid
     assert vicc_card.stop() is not None  # waits for EMPTY
     state = vicc_card.start()

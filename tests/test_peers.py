@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ccidbridge.config.model import Endpoint
 from ccidbridge.runtime import peers
 from ccidbridge.runtime.transport import TransportError
+from ccidbridge.spec import Endpoint
 from lab.device_peer import DevicePeer
 from lab.instant_card import InstantCard
 from tests.bridgeharness import RunningBridge, served_card

@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from ccidbridge.config.model import Endpoint
 from ccidbridge.protocol.decoder import FrameDecoder
 from ccidbridge.protocol.messages import (
     Apdu,
@@ -28,6 +27,7 @@ from ccidbridge.protocol.messages import (
 from ccidbridge.protocol.wire import MsgType
 from ccidbridge.runtime.bridge import OUT_HIGH_WATER
 from ccidbridge.runtime.transport import READ_SIZE, TransportError
+from ccidbridge.spec import Endpoint
 from lab.device_peer import DevicePeer
 from lab.instant_card import DEFAULT_ATR, InstantCard
 from lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint, free_tcp_port

@@ -23,7 +23,7 @@ from smartcard import scard
 
 from ccidbridge.card import errors as pe
 from ccidbridge.card.choice import ChoiceOutput, Notice, ReaderChoice
-from ccidbridge.config.model import ReaderSpec
+from ccidbridge.spec import ReaderSpec
 
 PNP_READER = "\\\\?PnP?\\Notification"
 #: GetStatusChange timeout: the fallback rescan of the reader list.

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
-from ccidbridge.config.model import ReaderSpec
 from ccidbridge.config.serving import notes
+from ccidbridge.spec import ReaderSpec
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "check", help="validate a config and show what `run` would serve",
-        description="Validate CONFIG (schema + libvirt 9.0's rules) and list which cards "
+        description="Validate CONFIG (libvirt 9.0's vocabulary and rules) and list which cards "
         "`ccidbridge run` would serve, and which it would not, with the reason.",
     )
     parser.add_argument("config", metavar="CONFIG")

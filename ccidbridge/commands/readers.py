@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ccidbridge.card.listing import ReaderInfo
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "readers",
         help="list the host's PC/SC readers, whether a card is present, and its ATR",

@@ -9,7 +9,7 @@ import sys
 from ccidbridge.commands import EXIT_CONFIG, load_config
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="serve the passthrough smartcards of one or more configs",

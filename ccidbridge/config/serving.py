@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-from typing import TYPE_CHECKING
-
-from ccidbridge.config.layout import PlacedCard, layout
-from ccidbridge.config.model import Endpoint, ReaderSpec, ServedCard
-
-if TYPE_CHECKING:
-    from ccidbridge.config.model import Config
+from ccidbridge.config.layout import Layout, PlacedCard
+from ccidbridge.config.loaded import Config
+from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard
 
 TLS_REASON = "TLS chardevs are not supported by the bridge yet"
 _NOT_A_SOCKET = {
@@ -26,8 +21,8 @@ _NOT_A_SOCKET = {
 }
 
 
-def label(config: Config, placed: PlacedCard) -> str:
-    return f"{config.path}:{placed.card.line} {placed.alias}"
+def label(path: str, placed: PlacedCard) -> str:
+    return f"{path}:{placed.card.line} {placed.alias}"
 
 
 def _why_not(placed: PlacedCard) -> str | None:
@@ -56,44 +51,42 @@ def _endpoint(placed: PlacedCard) -> Endpoint:
     listens = src.mode == "connect"
     if chardev.type == "unix":
         return Endpoint(kind="unix", bridge_listens=listens, path=src.path)
-    service = src.service or ""
-    port = int(service) if service.isdigit() else socket.getservbyname(service)
-    return Endpoint(kind="tcp", bridge_listens=listens, host=src.host, port=port)
+    return Endpoint(kind="tcp", bridge_listens=listens, host=src.host, port=src.port)
 
 
-def served_cards(config: Config) -> list[ServedCard]:
+def served_cards(path: str, lay: Layout) -> tuple[ServedCard, ...]:
+    """The cards ``run`` serves (the config at ``path``, laid out as ``lay``)."""
     out = []
-    for placed in layout(config.devices).cards:
+    for placed in lay.cards:
         if _why_not(placed) is None:
             card = placed.card
             out.append(ServedCard(
-                label=label(config, placed),
+                label=label(path, placed),
                 endpoint=_endpoint(placed),
                 reader=card.reader or ReaderSpec(line=card.line),
-                source_file=config.path,
+                source_file=path,
                 line=card.line,
             ))
-    return out
+    return tuple(out)
 
 
-def unserved(config: Config) -> list[tuple[str, str]]:
-    lay = layout(config.devices)
+def unserved(path: str, lay: Layout) -> tuple[tuple[str, str], ...]:
+    """``(label, reason)`` of every device ``run`` leaves alone."""
     out = []
     for placed in lay.cards:
         why = _why_not(placed)
         if why is not None:
-            out.append((label(config, placed), why))
+            out.append((label(path, placed), why))
     for ch in lay.channels:
-        out.append((f"{config.path}:{ch.channel.line} {ch.alias}",
+        out.append((f"{path}:{ch.channel.line} {ch.alias}",
                     "a spicevmc channel carries the SPICE agent (clipboard, resolution), "
                     "not a smartcard"))
-    return out
+    return tuple(out)
 
 
 def notes(config: Config) -> list[str]:
     """What the user must know when pasting the output (not errors)."""
-    devices = config.devices
-    lay = layout(devices)
+    lay = config.layout
     out = []
     spice = [f"line {p.card.line}" for p in lay.cards
              if p.card.chardev and p.card.chardev.type in ("spicevmc", "spiceport")]

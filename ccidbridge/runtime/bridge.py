@@ -45,7 +45,6 @@ import weakref
 from dataclasses import dataclass, field
 
 from ccidbridge.card.base import CardReport, CardSide, Inserted, Removed, TransmitFailed
-from ccidbridge.config.model import ServedCard
 from ccidbridge.protocol import events as ev
 from ccidbridge.protocol.atr import hexatr
 from ccidbridge.protocol.session import BridgeSession
@@ -60,6 +59,7 @@ from ccidbridge.runtime.transport import (
     is_loopback,
     start_connect,
 )
+from ccidbridge.spec import ServedCard
 
 #: How long shutdown waits for QEMU to ack CardRemove and ReaderRemove.
 SHUTDOWN_ACK_TIMEOUT = 1.0

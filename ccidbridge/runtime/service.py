@@ -20,9 +20,9 @@ from collections.abc import Callable
 from types import FrameType
 
 from ccidbridge.card.base import CardSide
-from ccidbridge.config.model import ServedCard
 from ccidbridge.runtime.bridge import SHUTDOWN_ACK_TIMEOUT, CardBridge
 from ccidbridge.runtime.transport import TransportError
+from ccidbridge.spec import ServedCard
 
 log = logging.getLogger("ccidbridge")
 

@@ -25,7 +25,7 @@ import socket
 import stat
 import tempfile
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 
 #: Reconnect backoff: first retry after this, doubling up to RETRY_MAX.  The
 #: cap bounds how long a restarted QEMU waits for us (docs/performance.md,
@@ -71,7 +71,7 @@ class Connection:
         if self._quickack:
             # QEMU's socket chardev has Nagle on and writes a frame's header and
             # payload with two writes, so the payload waits for our ACK of the
-            # header, which delayed ACK holds back ~40 ms (protocol/VSCARD.md#Q16).
+            # header, which delayed ACK holds back ~40 ms (protocol/VSCARD.md#Q17).
             # Linux drops QUICKACK by itself: re-arm it after every read.
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return data
