@@ -7,8 +7,19 @@ package for them, so there is no import circle.  All classes are frozen.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from enum import Enum
+
+
+def is_loopback(host: str | None) -> bool:
+    """True if ``host`` names this machine only (no host: QEMU's default, localhost)."""
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Share(str, Enum):  # noqa: UP042 (str values are the config's words)
@@ -45,6 +56,17 @@ class ReaderSpec:
 
 
 @dataclass(frozen=True)
+class TlsSpec:
+    """ccidbridge's own ``<tls dir=...>``: the bridge's x509 files, in QEMU's layout
+    (``ca-cert.pem``; ``client-cert.pem`` + ``client-key.pem`` when the bridge
+    connects, ``server-cert.pem`` + ``server-key.pem`` when it listens)."""
+
+    dir: str
+    peer_names: tuple[str, ...] = ()  # accepted names in the peer's certificate; () = any
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """Where the bridge meets QEMU's chardev for one passthrough card.
 
@@ -58,10 +80,12 @@ class Endpoint:
     host: str | None = None  # tcp
     port: int | None = None  # tcp
     path: str | None = None  # unix
+    tls: TlsSpec | None = None  # tcp with tls='yes'
 
     def describe(self) -> str:
         where = f"{self.host}:{self.port}" if self.kind == "tcp" else self.path
-        return f"{self.kind} {where} ({'listening' if self.bridge_listens else 'connecting'})"
+        kind = "tls" if self.tls is not None else self.kind
+        return f"{kind} {where} ({'listening' if self.bridge_listens else 'connecting'})"
 
 
 @dataclass(frozen=True)

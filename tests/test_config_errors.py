@@ -247,7 +247,7 @@ def test_more_than_65535_lines(tmp_path: Path) -> None:
     bad = tmp_path / "long.xml"
     bad.write_bytes(_padded("<smartcard/>", BIG_LINES))
     _refused(bad, f"{bad}:{BIG_LINES + 1}: ", "needs mode=")
-    good = loads(_padded("<smartcard mode='passthrough' type='tcp'>\n<source host='h' "
+    good = loads(_padded("<smartcard mode='passthrough' type='tcp'>\n<source host='127.0.0.1' "
                          "service='1'/></smartcard>", BIG_LINES), "vm.xml")
     assert good.served_cards()[0].label == f"vm.xml:{BIG_LINES + 1} smartcard0"
     broken = tmp_path / "broken.xml"

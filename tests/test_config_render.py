@@ -112,10 +112,12 @@ def test_served_card_fields() -> None:
     ("<smartcard mode='passthrough' type='udp'><source host='h' service='1'/></smartcard>", "udp"),
     ("<smartcard mode='passthrough' type='file'><source path='/f'/></smartcard>", "file"),
     ("<smartcard mode='passthrough' type='spicevmc'/>", "SPICE client"),
-    ("<smartcard mode='passthrough' type='tcp'><source host='h' service='1'/>"
+    ("<smartcard mode='passthrough' type='tcp'><source host='::1' service='1'/>"
      "<protocol type='telnet'/></smartcard>", "telnet"),
     ("<smartcard mode='passthrough' type='tcp'><source host='h' service='1' tls='yes'/>"
-     "</smartcard>", "TLS chardevs are not supported by the bridge yet"),
+     "</smartcard>", "tls='yes' needs the bridge's own certificates"),
+    ("<smartcard mode='passthrough' type='tcp'><source host='192.0.2.7' service='1'/>"
+     "</smartcard>", "not loopback and the chardev has no TLS"),
 ])
 def test_unserved_reasons(card: str, reason: str) -> None:
     config = loads(f"<ccidbridge>\n{card}</ccidbridge>", "vm.xml")
@@ -132,3 +134,24 @@ def test_cli_qemu_version_option(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["qemu-argv", "--qemu-version", "seven", str(cfg)])
     assert exc.value.code == 2
+
+
+def test_cleartext_on_a_network_address_is_refused_unless_said(tmp_path, capsys) -> None:
+    """No card in clear text on the network by accident: check and run say FILE:LINE
+    and exit 2; with <cleartext network='yes'/> it is served, and check still says so."""
+    base = ("<ccidbridge>\n<smartcard mode='passthrough' type='tcp'>\n"
+            "<source mode='bind' host='192.0.2.7' service='2001'/>{extra}\n"
+            "</smartcard>\n</ccidbridge>\n")
+    cfg = tmp_path / "vm.xml"
+    cfg.write_text(base.format(extra=""))
+    assert main(["check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{cfg}:2: host='192.0.2.7' is not loopback"), err
+    assert main(["run", str(cfg)]) == 2
+    assert capsys.readouterr().err.startswith(f"{cfg}:2: host='192.0.2.7' is not loopback")
+    cfg.write_text(base.format(extra="<cleartext network='yes'/>"))
+    assert main(["check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "run would serve 1 card(s)" in out and "served in clear text" in out
+    assert main(["libvirt", str(cfg)]) == 0
+    assert "cleartext" not in capsys.readouterr().out  # ccidbridge's own, never for libvirt

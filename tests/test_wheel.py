@@ -22,7 +22,7 @@ from lab.examples_regen import EXAMPLES, configs, generated
 
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
 #: What ccidbridge/ in the wheel may hold: the bridge, nothing of the lab.
-PACKAGE = {"__init__.py", "__main__.py", "cli.py", "spec.py",
+PACKAGE = {"__init__.py", "__main__.py", "cli.py", "spec.py", "tls.py",
            "protocol", "runtime", "card", "config", "commands"}
 COMMANDS = ("run", "readers", "check", "libvirt", "qemu-argv")
 #: Not part of the source tree a wheel is built from.

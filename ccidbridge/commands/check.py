@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.config.serving import notes
@@ -52,4 +53,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {label}: {reason}")
     for note in notes(config):
         print(f"note: {note}")
-    return 0
+    for refusal in config.refused:
+        print(refusal, file=sys.stderr)
+    return EXIT_CONFIG if config.refused else 0

@@ -42,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(path)
         if config is None:
             return EXIT_CONFIG
+        if config.refused:
+            for refusal in config.refused:
+                print(refusal, file=sys.stderr)
+            return EXIT_CONFIG
         for label, reason in config.unserved():
             logging.getLogger("ccidbridge").warning("not serving %s: %s", label, reason)
         cards += config.served_cards()

@@ -13,7 +13,7 @@ from ccidbridge.config.errors import ConfigError
 from ccidbridge.config.layout import layout
 from ccidbridge.config.loaded import Config
 from ccidbridge.config.parse import parse_devices
-from ccidbridge.config.serving import served_cards, unserved
+from ccidbridge.config.serving import refusals, served_cards, unserved
 
 __all__ = ["Config", "ConfigError", "load", "loads"]
 
@@ -22,7 +22,8 @@ def _config(doc: Document) -> Config:
     devices = parse_devices(doc)
     lay = layout(devices)
     return Config(path=doc.path, devices=devices, layout=lay,
-                  cards=served_cards(doc.path, lay), skipped=unserved(doc.path, lay))
+                  cards=served_cards(doc.path, lay), skipped=unserved(doc.path, lay),
+                  refused=refusals(doc.path, lay))
 
 
 def loads(data: bytes | str, path: str = "<config>") -> Config:

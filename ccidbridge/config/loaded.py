@@ -18,6 +18,7 @@ class Config:
     layout: Layout  # the devices as libvirt 9.0 places them (config/layout.py)
     cards: tuple[ServedCard, ...]  # what ``run`` serves
     skipped: tuple[tuple[str, str], ...]  # (label, reason) of every device it does not
+    refused: tuple[str, ...] = ()  # FILE:LINE messages: cards refused for safety (exit 2)
 
     def served_cards(self) -> list[ServedCard]:
         """The passthrough cards ``ccidbridge run`` serves, one per reachable socket chardev."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ccidbridge.spec import ReaderSpec
+from ccidbridge.spec import ReaderSpec, TlsSpec
 
 # The <controller>, <smartcard> and <channel> children of <ccidbridge>, in libvirt 9.0's
 # vocabulary (config/vocabulary.py states which attributes and values each takes).
@@ -100,6 +100,8 @@ class Smartcard:
     chardev: Chardev | None = None  # passthrough
     address: CcidAddress | None = None
     reader: ReaderSpec | None = None  # passthrough only
+    tls: TlsSpec | None = None  # passthrough over tcp with tls='yes': the bridge's x509 files
+    cleartext_network: bool = False  # <cleartext network='yes'/>: accepted without TLS off-host
     line: int = 0
 
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 from lxml import etree
 
+from ccidbridge import tls
 from ccidbridge.config.document import Document
 from ccidbridge.config.errors import ConfigError
 from ccidbridge.config.model import (
@@ -44,7 +45,7 @@ from ccidbridge.config.vocabulary import (
     SPICE_AGENT_NAME,
     Element,
 )
-from ccidbridge.spec import CardProtocol, ReaderSpec, Share
+from ccidbridge.spec import CardProtocol, ReaderSpec, Share, TlsSpec
 
 _HEX = re.compile(r"[0-9a-fA-F]*")
 E = ELEMENTS
@@ -259,6 +260,8 @@ def _passthrough(r: _Reader, node: etree._Element) -> Smartcard:
     protocol = None
     log_file = log_append = None
     address = reader = None
+    tls_node: etree._Element | None = None
+    cleartext = False
     seen: set[str] = set()
     for child in r.children(node, spec, children):
         if child.tag in seen and child.tag != "source":
@@ -280,15 +283,48 @@ def _passthrough(r: _Reader, node: etree._Element) -> Smartcard:
             log_append = r.yes_no(child, E["log"], "append")
         elif child.tag == "address":
             address = _ccid_address(r, child)
+        elif child.tag == "tls":
+            tls_node = child
+        elif child.tag == "cleartext":
+            r.leaf(child, E["cleartext"])
+            cleartext = r.yes_no(child, E["cleartext"], "network") is True
         else:
             reader = _reader(r, child)
     sources = _check_sources(r, node, kind, sources)
+    tls_spec = _tls(r, tls_node, kind, sources) if tls_node is not None else None
     return Smartcard(
         mode="passthrough",
         chardev=Chardev(type=kind, sources=tuple(sources), protocol=protocol,
                         log_file=log_file, log_append=log_append),
-        address=address, reader=reader, line=r.line(node),
+        address=address, reader=reader, tls=tls_spec, cleartext_network=cleartext,
+        line=r.line(node),
     )
+
+
+def _tls(r: _Reader, node: etree._Element, kind: str, sources: list[CharSource]) -> TlsSpec:
+    """ccidbridge's ``<tls dir=...>``: the bridge's side of a tls='yes' chardev.
+
+    The files are loaded here, as the bridge will load them (ccidbridge/tls.py),
+    so a missing or mismatched file is a config error at its line.
+    """
+    spec = E["tls"]
+    r.leaf(node, spec)
+    src = sources[0] if sources else None
+    if kind != "tcp" or src is None or src.tls is not True:
+        raise r.fail(node, "<tls> holds the bridge's certificates for a tcp chardev with "
+                     "<source ... tls='yes'/>; this one does not use TLS")
+    directory = node.get("dir")
+    if not directory or not directory.startswith("/"):
+        raise r.fail(node, "<tls> needs dir='/absolute/directory' (QEMU's layout: "
+                     "ca-cert.pem, client-cert.pem + client-key.pem or server-cert.pem + "
+                     "server-key.pem)")
+    names = tuple((r.value(node, spec, "peer-names") or "").split())
+    tls_spec = TlsSpec(dir=directory, peer_names=names, line=r.line(node))
+    try:
+        tls.context(tls_spec, listens=src.mode == "connect")
+    except tls.TlsFilesError as exc:
+        raise r.fail(node, f"<tls>: {exc}") from None
+    return tls_spec
 
 
 def _source(r: _Reader, node: etree._Element, kind: str) -> CharSource:

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from ccidbridge.config.layout import Layout, PlacedCard
 from ccidbridge.config.loaded import Config
-from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard
+from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard, is_loopback
 
-TLS_REASON = "TLS chardevs are not supported by the bridge yet"
+TLS_REASON = (
+    "tls='yes' needs the bridge's own certificates: add <tls dir='/DIR'/> (QEMU's layout: "
+    "ca-cert.pem plus client-cert.pem + client-key.pem, or server-*.pem when QEMU connects)"
+)
+#: Safety: never a card in clear text on a network by accident (a refusal, not a skip).
+CLEARTEXT_REASON = (
+    "host='{host}' is not loopback and the chardev has no TLS: every command, PINs included, "
+    "would cross the network in clear text; use tls='yes' with <tls dir='...'/>, a Unix "
+    "socket forwarded over ssh, or add <cleartext network='yes'/> to accept that"
+)
 _NOT_A_SOCKET = {
     "pty": "a pty chardev has no socket for the bridge to reach (use tcp or unix)",
     "file": "a file chardev only writes what QEMU sends; nobody can answer the card",
@@ -37,11 +46,35 @@ def _why_not(placed: PlacedCard) -> str | None:
         return f"type='{chardev.type}': {_NOT_A_SOCKET[chardev.type]}"
     src = chardev.source
     assert src is not None
-    if chardev.type == "tcp" and src.tls:
+    if chardev.type == "tcp" and src.tls and card.tls is None:
         return TLS_REASON
+    if _cleartext_refused(placed):
+        return CLEARTEXT_REASON.format(host=src.host)
     if chardev.protocol == "telnet":
         return "protocol type='telnet': QEMU wraps the stream in telnet; the bridge speaks raw"
     return None
+
+
+def _cleartext_refused(placed: PlacedCard) -> bool:
+    card = placed.card
+    chardev = card.chardev
+    if chardev is None or chardev.type != "tcp" or chardev.source is None:
+        return False
+    src = chardev.source
+    return not src.tls and not is_loopback(src.host) and not card.cleartext_network
+
+
+def refusals(path: str, lay: Layout) -> tuple[str, ...]:
+    """``FILE:LINE: message`` for every card the bridge refuses to serve for safety:
+    ``check`` and ``run`` treat these as config errors (exit 2)."""
+    out = []
+    for placed in lay.cards:
+        if _cleartext_refused(placed):
+            src = placed.card.chardev.source  # type: ignore[union-attr]
+            assert src is not None
+            out.append(f"{path}:{placed.card.line}: "
+                       + CLEARTEXT_REASON.format(host=src.host))
+    return tuple(out)
 
 
 def _endpoint(placed: PlacedCard) -> Endpoint:
@@ -51,7 +84,8 @@ def _endpoint(placed: PlacedCard) -> Endpoint:
     listens = src.mode == "connect"
     if chardev.type == "unix":
         return Endpoint(kind="unix", bridge_listens=listens, path=src.path)
-    return Endpoint(kind="tcp", bridge_listens=listens, host=src.host, port=src.port)
+    return Endpoint(kind="tcp", bridge_listens=listens, host=src.host, port=src.port,
+                    tls=placed.card.tls)
 
 
 def served_cards(path: str, lay: Layout) -> tuple[ServedCard, ...]:
@@ -101,6 +135,12 @@ def notes(config: Config) -> list[str]:
             f"{len(lay.cards)} cards: libvirt 9.0 takes one <smartcard>; `ccidbridge libvirt` "
             f"gives the other {len(lay.extra_cards)} their own <controller type='ccid'> and "
             "passes them to QEMU in <qemu:commandline>"
+        )
+    exposed = [f"line {p.card.line}" for p in lay.cards if p.card.cleartext_network]
+    if exposed:
+        out.append(
+            f"{', '.join(exposed)}: served in clear text on a network address "
+            "(<cleartext network='yes'/>): anyone on the path sees every command, PINs included"
         )
     if lay.cards or lay.controllers:
         out.append(

@@ -5,7 +5,7 @@ takes its messages from it; the shipped ``schema.rng`` is checked against this
 table in tests/test_config_schema.py (and against libvirt's own
 virt-xml-validate), never on the user's path.  The libvirt part follows
 libvirt 9.0's domaincommon.rng and parser (docs/libvirt.md#L1); ``<reader>``
-is ccidbridge's own.
+``<tls>`` and ``<cleartext>`` are ccidbridge's own.
 
 To add an attribute: add an ``Attr`` to its element's ``attrs`` below (kind,
 values or pattern, default, the libvirt message if libvirt has one); read it in
@@ -99,7 +99,7 @@ ELEMENTS: dict[str, Element] = {k: e for k, e in (
         Attr("type", "enum", CHARDEV_TYPES,
              libvirt="libvirt: unknown type presented to host for character device: {value}"),
     ), children=("certificate", "database", "source", "protocol", "log", "reader",
-                 "address"))),
+                 "tls", "cleartext", "address"))),
     ("certificate", Element("certificate", text=True)),
     ("database", Element("database", text=True)),
     ("source", Element("source", (
@@ -138,6 +138,14 @@ ELEMENTS: dict[str, Element] = {k: e for k, e in (
         Attr("rewrite-atr", "enum", YES_NO, default="yes"),
         Attr("timeout", "seconds", what="seconds > 0, e.g. timeout='30'"),
     ))),
+    ("tls", Element("tls", (
+        Attr("dir", "text", pattern=ABSOLUTE, what="an absolute directory"),
+        Attr("peer-names", "text", pattern=r"\S+(\s+\S+)*",
+             what="names separated by spaces, e.g. 'qemu.example.org'"),
+    ))),
+    ("cleartext", Element("cleartext", (
+        Attr("network", "enum", YES_NO, default="no"),
+    ))),
     ("channel", Element("channel", (
         Attr("type", "enum", ("spicevmc",)),
     ), children=("target", "address"))),
@@ -158,7 +166,8 @@ ELEMENTS: dict[str, Element] = {k: e for k, e in (
 SMARTCARD_BY_MODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "host": (("mode",), ("address",)),
     "host-certificates": (("mode",), ("certificate", "database", "address")),
-    "passthrough": (("mode", "type"), ("source", "protocol", "log", "address", "reader")),
+    "passthrough": (("mode", "type"),
+                    ("source", "protocol", "log", "address", "reader", "tls", "cleartext")),
 }
 # Which <source> attributes each chardev type reads (domain_conf.c virDomainChrSourceDefParseXML).
 SOURCE_BY_TYPE: dict[str, tuple[str, ...]] = {
