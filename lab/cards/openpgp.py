@@ -20,6 +20,8 @@ PSO      2A     9E9A COMPUTE DIGITAL SIGNATURE (needs PW1/81; the data is a
 INT AUTH 88     DigestInfo signed with the authentication key (needs PW1/82)
 GEN KEY  47     P1=81: read the public key (7F49 {81 n, 82 e}, 271 bytes)
 GET CHAL 84     Le random bytes
+SEL DATA A5     P1=0..2 with 5C 02 7F 21: which 7F21 GET DATA reads (OpenSC
+                selects each before reading it); only 0 (AUT) holds one
 ==============  ==============================================================
 
 Long answers (the public keys, 006E with extended length, 7F21) come whole
@@ -187,6 +189,7 @@ class OpenPgpCard(Applet):
     selected: bool = False
     verified: set[int] = field(default_factory=set)
     signatures: int = 0
+    cert_occurrence: int = 0
 
     def __post_init__(self) -> None:
         missing = [s for s in SLOTS if s not in self.keys]
@@ -203,6 +206,7 @@ class OpenPgpCard(Applet):
     def reset(self) -> None:
         self.selected = False
         self.verified = set()
+        self.cert_occurrence = 0
 
     # -- data objects ----------------------------------------------------
     def fingerprint(self, slot: str) -> bytes:
@@ -255,7 +259,7 @@ class OpenPgpCard(Applet):
             0x00CD: KEY_CREATED.to_bytes(4, "big") * 3,
             0x00DE: bytes.fromhex("010202020302"),
             0x7F74: tlv(0x81, b"\x20"),
-            0x7F21: self.cardholder_cert,
+            0x7F21: self.cardholder_cert if self.cert_occurrence == 0 else b"",
         }
         if tag in simple:
             return simple[tag]
@@ -284,6 +288,7 @@ class OpenPgpCard(Applet):
             0x88: self._internal_auth,
             0x47: self._generate,
             0x84: self._challenge,
+            0xA5: self._select_data,
         }.get(a.ins)
         return handler(a) if handler else status(SW_INS_NOT_SUPPORTED)
 
@@ -291,6 +296,7 @@ class OpenPgpCard(Applet):
         if a.p1 == 0x04 and len(a.data) >= 5 and AID.startswith(a.data):
             self.selected = True
             self.verified = set()
+            self.cert_occurrence = 0
             return status(0x9000)
         if a.p1 == 0x04:
             self.selected = False
@@ -301,6 +307,16 @@ class OpenPgpCard(Applet):
         if value is None:
             return status(SW_REF_NOT_FOUND)
         return Reply(value)
+
+    def _select_data(self, a: Apdu) -> Reply:
+        """SELECT DATA (3.x): which of the 3 cardholder certificates 7F21 means
+        (0 = authentication key, the only one with a certificate here)."""
+        if a.p2 != 0x04 or not a.data.endswith(b"\x5c\x02\x7f\x21"):
+            return status(SW_WRONG_DATA)
+        if a.p1 > 2:
+            return status(SW_REF_NOT_FOUND)
+        self.cert_occurrence = a.p1
+        return status(0x9000)
 
     def _verify(self, a: Apdu) -> Reply:
         if a.p2 not in (0x81, 0x82, 0x83) or a.p1 not in (0x00, 0xFF):
