@@ -183,6 +183,29 @@ def find_tlv(data: bytes, tag: int) -> bytes | None:
     return None
 
 
+# -- PINs ----------------------------------------------------------------------
+
+PIN_TRIES = 3
+
+
+@dataclass
+class Pin:
+    """A PIN with its retry counter (ISO 7816-4 VERIFY semantics)."""
+
+    value: bytes
+    tries: int = PIN_TRIES
+
+    def check(self, given: bytes) -> int:
+        """9000 on a match (counter reset), else 63Cx with the tries left; 6983 once blocked."""
+        if self.tries == 0:
+            return SW_BLOCKED
+        if given == self.value:
+            self.tries = PIN_TRIES
+            return SW_OK
+        self.tries -= 1
+        return 0x63C0 | self.tries
+
+
 # -- the applet base -------------------------------------------------------------
 
 

@@ -65,6 +65,7 @@ from lab.cards.apdu import (
     SW_WRONG_P1P2,
     Apdu,
     Applet,
+    Pin,
     Reply,
     status,
     tlv,
@@ -83,7 +84,6 @@ AID = (
 )  # fmt: skip
 PW1 = b"123456"
 PW3 = b"12345678"
-PIN_TRIES = 3
 #: Key creation time (DO CD) and OpenPGP v4 fingerprint timestamp: fixed, so the
 #: fingerprints only depend on the keys (2024-01-01T00:00:00Z).
 KEY_CREATED = 1704067200
@@ -155,22 +155,6 @@ def sign_digest_info(key: rsa.RSAPrivateKey, digest_info: bytes) -> bytes | None
             digest = digest_info[len(prefix) :]
             return key.sign(digest, padding.PKCS1v15(), utils.Prehashed(alg))
     return None
-
-
-@dataclass
-class Pin:
-    value: bytes
-    tries: int = PIN_TRIES
-
-    def check(self, given: bytes) -> int:
-        """9000 on a match (tries reset), else 63Cx / 6983."""
-        if self.tries == 0:
-            return SW_BLOCKED
-        if given == self.value:
-            self.tries = PIN_TRIES
-            return 0x9000
-        self.tries -= 1
-        return 0x63C0 | self.tries
 
 
 @dataclass
