@@ -192,7 +192,7 @@ def test_openpgp_tool_and_pkcs15_read_the_openpgp_card(
     der = keys.openpgp_aut_cert.public_bytes(Encoding.DER)
     assert len(der) > 256
     assert x509.load_pem_x509_certificate(out.read_bytes()).public_bytes(Encoding.DER) == der
-    # The public keys (GENERATE ASYMMETRIC KEY PAIR P1=81, 271 bytes) too.
+    # The public keys (GENERATE ASYMMETRIC KEY PAIR P1=81, 270 bytes) too.
     pubout = tmp_path / "sig.pub"
     run("pkcs15-tool", "--read-public-key", "01", "-o", str(pubout))
     assert load_pem_public_key(pubout.read_bytes()) == keys.openpgp["sig"].public_key()

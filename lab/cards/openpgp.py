@@ -18,7 +18,7 @@ PSO      2A     9E9A COMPUTE DIGITAL SIGNATURE (needs PW1/81; the data is a
                 PKCS#1 DigestInfo), 8086 DECIPHER (needs PW1/82; 00 ‖ RSA
                 PKCS#1 v1.5 cryptogram)
 INT AUTH 88     DigestInfo signed with the authentication key (needs PW1/82)
-GEN KEY  47     P1=81: read the public key (7F49 {81 n, 82 e}, 271 bytes)
+GEN KEY  47     P1=81: read the public key (7F49 {81 n, 82 e}, 270 bytes)
 GET CHAL 84     Le random bytes
 SEL DATA A5     P1=0..2 with 5C 02 7F 21: which 7F21 GET DATA reads (OpenSC
                 selects each before reading it); only 0 (AUT) holds one
