@@ -43,10 +43,19 @@ def _tools() -> None:
         missing("opensc-pkcs11 or scdaemon not installed")
 
 
+def shown(args: tuple[str, ...]) -> str:
+    """The command line for a message, the PIN masked (PINs never reach test output)."""
+    out = list(args)
+    for i in range(1, len(out)):
+        if out[i - 1] == "--pin":
+            out[i] = "***"
+    return " ".join(out)
+
+
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(list(args), capture_output=True, text=True, timeout=60)
     if check and r.returncode:
-        raise AssertionError(f"{' '.join(args)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}")
+        raise AssertionError(f"{shown(args)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
 
 
