@@ -116,8 +116,9 @@ def test_high_level_pyscard(test_card) -> None:  # noqa: ANN001
         conn.disconnect()
 
 
-def test_card_process_latency(test_card, record_property) -> None:  # noqa: ANN001
-    """Per-APDU round trip through pcscd to our card process (docs/lab.md#V6: ~0.1 ms)."""
+def test_card_process_answers_every_apdu(test_card, record_property) -> None:  # noqa: ANN001
+    """550 APDUs through pcscd to our card process, each answered.  Its speed (docs/lab.md#V6:
+    ~0.1 ms, 44 ms if the QUICKACK fix were gone) is measured by make bench, not asserted."""
     card = test_card("dual")
     assert card.pid is not None
     with HostConnection(card.reader) as c:
@@ -129,10 +130,7 @@ def test_card_process_latency(test_card, record_property) -> None:  # noqa: ANN0
             resp = c.ok("0084000008")
             times.append(time.perf_counter() - t)
             assert resp[-2:] == b"\x90\x00"
-    med = statistics.median(times)
-    record_property("apdu_median_us", round(med * 1e6, 1))
-    # 44 ms would mean the Nagle/delayed-ACK stall is back (docs/lab.md#V6)
-    assert med < 0.005, f"median {med * 1e3:.2f} ms"
+    record_property("apdu_median_us", round(statistics.median(times) * 1e6, 1))
 
 
 def test_removal_and_insertion_detected(test_card, record_property) -> None:  # noqa: ANN001
@@ -170,9 +168,7 @@ def test_removal_and_insertion_detected(test_card, record_property) -> None:  # 
     assert seen[1][1] & scard.SCARD_STATE_PRESENT
     removal, insertion = seen[0][0] - t_kill, seen[1][0] - t_ins
     record_property("removal_s", round(removal, 3))
-    record_property("insertion_s", round(insertion, 3))
-    # pcscd polls vpcd every 400 ms
-    assert removal < 1.0 and insertion < 1.0
+    record_property("insertion_s", round(insertion, 3))  # pcscd polls vpcd every 400 ms
 
 
 def test_crash_gives_empty_response_then_removal(test_card) -> None:  # noqa: ANN001
