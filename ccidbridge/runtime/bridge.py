@@ -672,8 +672,9 @@ class CardBridge:
             return
         self._poll.unregister(hs.fd)
         self._handshake = None
-        self.log.info("TLS with %s: %s, peer %s", hs.peer, hs.sock.version(),
-                      ", ".join(tls.certificate_names(hs.sock.getpeercert() or {})))
+        names = dict.fromkeys(tls.certificate_names(hs.sock.getpeercert() or {}))
+        self.log.info("%s with %s, whose certificate names %s", hs.sock.version(), hs.peer,
+                      ", ".join(names) or "nobody")
         self._connection_up(hs.sock, hs.peer)
 
     def _refuse_tls(self, why: str) -> None:
