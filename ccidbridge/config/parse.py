@@ -35,6 +35,7 @@ from ccidbridge.config.model import (
     UsbAddress,
     VirtioSerialAddress,
 )
+from ccidbridge.protocol.presentation import RULES as PRESENTATION_RULES
 
 # libvirt 9.0 qemucdevSrcTypeChoice: every chardev type the domain schema accepts.
 LIBVIRT_CHARDEV_TYPES = (
@@ -425,7 +426,7 @@ def _ccid_address(r: _Reader, node: etree._Element) -> CcidAddress:
 def _reader(r: _Reader, node: etree._Element) -> ReaderSpec:
     """ccidbridge's ``<reader>``: which host PC/SC reader feeds this card."""
     r.attrs(node, ("name", "match", "atr", "atr-mask", "share", "protocol", "rewrite-atr",
-                   "timeout"))
+                   "timeout", "keep"))
     list(r.children(node, ()))
     name, match = node.get("name"), node.get("match")
     if name is not None and match is not None:
@@ -451,10 +452,14 @@ def _reader(r: _Reader, node: etree._Element) -> ReaderSpec:
         if not (math.isfinite(timeout) and timeout > 0):
             raise r.fail(node, f"<reader timeout='{node.get('timeout')}'> is not valid; "
                          "allowed: seconds > 0, e.g. timeout='30'")
+    keep = frozenset((node.get("keep") or "").split())
+    if keep - {*PRESENTATION_RULES, "all"} or node.get("keep") == "":
+        raise r.fail(node, f"<reader keep='{node.get('keep')}'> is not valid; allowed: a "
+                     "space-separated list of " + "|".join((*PRESENTATION_RULES, "all")))
     return ReaderSpec(
         name=name, match=match, atr=atr, atr_mask=mask, share=Share(share),
         protocol=Protocol(protocol), rewrite_atr=True if rewrite is None else rewrite,
-        apdu_timeout=timeout, line=node.sourceline or 0,
+        apdu_timeout=timeout, keep=keep, line=node.sourceline or 0,
     )
 
 
