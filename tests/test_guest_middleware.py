@@ -12,64 +12,68 @@ name and the ATR the bridge announces for a T=1-only card
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from ccidbridge.protocol.atr import announce_t0
 from lab.bridgeproc import BridgeProcess, device_args, write_config
-from lab.guest.middleware import CommandResult, MiddlewareRun, gnupg_home, run_commands, run_on_host
+from lab.cards import openpgp, piv, strict_t1
+from lab.cards.gnupg import GnupgHome
+from lab.cards.keys import ensure_keys
+from lab.cards.slot import CardInSlot
+from lab.guest import GuestImage
+from lab.guest.middleware import CommandResult, MiddlewareRun, run_commands, run_on_host
+from lab.pcsc import PcscStack
 
 pytestmark = [pytest.mark.guest, pytest.mark.stack]
 
 VICC_ATR = bytes.fromhex("3B9513810180 73FF01000B".replace(" ", ""))
 
 
-def colon_hex(data: bytes) -> str:
-    return data.hex(":")
-
-
-def normalise(text: str, readers: tuple[str, ...], atrs: dict[bytes, str]) -> str:
-    """The output with the reader names and the known ATR spellings replaced."""
-    for reader in readers:
-        text = text.replace(reader, "<reader>")
-    for atr, name in atrs.items():
-        for spelling in (atr.hex(":"), atr.hex(" ").upper(), atr.hex(" "), atr.hex(),
-                         atr.hex().upper(), atr.hex(":").upper()):
-            text = text.replace(spelling, name)
-    return text
-
-
 class Middleware:
     """One card's host-direct and in-guest runs of the same commands."""
 
-    def __init__(self, tmp: Path, reader: str, image, **reader_attrs: str) -> None:
+    def __init__(self, tmp: Path, reader: str, image: GuestImage, **reader_attrs: str) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.reader = reader
         self.image = image
         self.config = write_config(tmp / "vm.xml", tmp / "vsc.sock", reader, **reader_attrs)
         self.args = device_args(self.config)
-        self.host_env = gnupg_home(tmp / "host")
         self.bridge: BridgeProcess | None = None
 
     def on_host(self, commands: list[str]) -> list[CommandResult]:
-        return run_on_host(commands, self.host_env)
+        """The commands on the host, GnuPG in a fresh home with its own agent."""
+        with GnupgHome() as home:
+            home.set_pin(openpgp.PW1.decode())  # what the guest's pinentry answers
+            self.host_home = str(home.path)
+            return run_on_host(commands, home.env)
 
-    def in_guest(self, commands: list[str], timeout: float = 150.0) -> MiddlewareRun:
+    def in_guest(self, commands: list[str], timeout: float = 170.0) -> MiddlewareRun:
         self.bridge = BridgeProcess(self.config, self.tmp / "bridge.log", verbose=1)
         try:
-            return run_commands(self.image, self.args, commands, timeout).check()
+            run = run_commands(self.image, self.args, commands, timeout).check()
         finally:
             self.bridge.stop()
+        self.guest_seconds = run.run.wall_seconds
+        DURATIONS.append((self.tmp.parent.name, run.run.wall_seconds))
+        return run
 
     def close(self) -> None:
         if self.bridge is not None:
             self.bridge.__exit__(None, None, None)
 
 
+#: (test, seconds) of every guest run, printed at the end of the session (-s / -rA).
+DURATIONS: list[tuple[str, float]] = []
+
+
 @pytest.fixture
-def middleware(tmp_path: Path, middleware_image):
+def middleware(tmp_path: Path, middleware_image: GuestImage):
     made: list[Middleware] = []
 
     def make(reader: str, **attrs: str) -> Middleware:
@@ -82,28 +86,249 @@ def middleware(tmp_path: Path, middleware_image):
         m.close()
 
 
-def assert_same(host: list[CommandResult], run: MiddlewareRun, reader: str,
-                atrs: dict[bytes, str]) -> None:
+@pytest.fixture
+def lab_card(_pcsc_alive: PcscStack):
+    """Factory: one of lab/cards' cards in a free slot; removed at teardown."""
+    made: list[CardInSlot] = []
+
+    def make(spec) -> CardInSlot:
+        card = CardInSlot(_pcsc_alive, spec)
+        made.append(card)
+        return card.insert()
+
+    yield make
+    for card in reversed(made):
+        card.close()
+
+
+@pytest.fixture(scope="session")
+def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("keys")
+    ensure_keys(d)
+    return d
+
+
+def fresh(card: CardInSlot) -> None:
+    """The same card, reset to its first state (PIN counters, signature counter)."""
+    card.remove()
+    card.insert()
+
+
+def normalise(text: str, readers: tuple[str, ...], atrs: dict[bytes, str],
+              homes: tuple[str, ...] = ()) -> str:
+    """The output with the reader names, GnuPG homes and known ATR spellings replaced."""
+    for reader in readers:
+        text = text.replace(reader, "<reader>")
+    for home in homes:
+        text = text.replace(home, "<home>")
+    for atr, name in atrs.items():
+        for spelling in (atr.hex(":"), atr.hex(" ").upper(), atr.hex(" "), atr.hex(),
+                         atr.hex().upper(), atr.hex(":").upper()):
+            text = text.replace(spelling, name)
+    # pkcs11-tool: slot numbers and ids depend on how many readers there are; the
+    # host's empty vpcd slots are not in the guest at all.
+    # pkcs11-tool cuts the slot description (the reader name) to 64 characters.
+    text = re.sub(r"Slot \d+ \(0x[0-9a-f]+\): [^\n]*\n  \(empty\)\n", "", text)
+    text = re.sub(r"Slot \d+ \(0x[0-9a-f]+\): [^\n]*", "Slot <n>: <reader>", text)
+    text = re.sub(r"Using slot \d+ with a present token \(0x[0-9a-f]+\)", "Using slot <n>", text)
+    # QEMU's usb-ccid claims PIN support (bPINSupport=1) it does not have: libccid
+    # offers a PIN pad the guest's OpenSC then lists (docs/compatibility.md#C3).
+    text = text.replace(", PIN pad present,", ",")
+    # pkcs11-tool prints a profile object's handle, a heap address.
+    text = re.sub(r"Profile object \d+", "Profile object <handle>", text)
+    # The serial console keeps no trailing blanks (lab/guest/boot.py parse_line).
+    return "".join(line.rstrip() + "\n" for line in text.splitlines())
+
+
+def assert_same(host: list[CommandResult], m: Middleware, run: MiddlewareRun,
+                atrs: dict[bytes, str], only: range | None = None) -> None:
     """Every command: the same exit status and the same output, normalised."""
     assert run.run.reader, "the guest client printed no reader"
-    readers = (reader, run.run.reader)
-    for h, g in zip(host, run.results, strict=True):
+    readers = (run.run.reader, m.reader)
+    homes = (getattr(m, "host_home", "/nonexistent"), "/root/.gnupg")
+    pairs = list(zip(host, run.results, strict=True))
+    for i, (h, g) in enumerate(pairs):
+        if only is not None and i not in only:
+            continue
         assert g.rc == h.rc, f"{h.command}: rc host {h.rc}, guest {g.rc}\n{h.output}\n{g.output}"
-        assert normalise(g.output, readers, atrs) == normalise(h.output, readers, atrs), h.command
+        assert normalise(g.output, readers, atrs, homes) == normalise(h.output, readers, atrs,
+                                                                     homes), h.command
 
 
-OPENSC_BASIC = ["opensc-tool -a", "opensc-tool -n", "pkcs15-tool -D"]
+PKCS11 = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
+
+
+# -- vicc (iso7816) --------------------------------------------------------------------
+
+VICC_COMMANDS = ["opensc-tool -a", "opensc-tool -n", f"pkcs11-tool --module {PKCS11} -L",
+                 "opensc-tool -s 00A4000C023F00 -s 00B0000010"]
 
 
 def test_opensc_on_vicc_iso7816_matches_the_host(vicc_card, middleware) -> None:
     m = middleware(vicc_card.reader)
-    host = m.on_host(OPENSC_BASIC)
-    assert host[0].rc == 0 and colon_hex(VICC_ATR) in host[0].output
+    host = m.on_host(VICC_COMMANDS)
+    assert host[0].rc == 0 and VICC_ATR.hex(":") in host[0].output
     vicc_card.stop()
     vicc_card.start()
-    run = m.in_guest(OPENSC_BASIC)
-    guest = run.results
+    run = m.in_guest(VICC_COMMANDS)
     assert run.run.atr == announce_t0(VICC_ATR)
-    assert colon_hex(announce_t0(VICC_ATR)) in guest[0].output
-    assert_same(host, run, vicc_card.reader,
-                {VICC_ATR: "<atr>", announce_t0(VICC_ATR): "<atr>"})
+    assert announce_t0(VICC_ATR).hex(":") in run.results[0].output
+    assert_same(host, m, run, {VICC_ATR: "<atr>", announce_t0(VICC_ATR): "<atr>"})
+
+
+# -- the OpenPGP 3.4 card (YubiKey-style: T=1 only, extended Lc/Le) -------------------
+
+SIGNED = "signed in the guest through ccidbridge"
+GPG_SIGN = [
+    # gpg's key for the card's signing key (Key-Grip; the card's creation time, so
+    # its fingerprint is the card's), then a detached signature and the public key.
+    "grip=$(gpg-connect-agent 'SCD LEARN --force' /bye"
+    " | sed -n 's/.*KEYPAIRINFO \\([0-9A-F]\\{40\\}\\) OPENPGP\\.1.*/\\1/p'); "
+    "printf 'Key-Type: RSA\\nKey-Grip: %s\\nKey-Usage: sign\\nName-Real: ccidbridge test"
+    " card\\nExpire-Date: 0\\nCreation-Date: 20240101T000000\\n%%no-protection\\n"
+    "%%commit\\n' \"$grip\" | gpg --batch --gen-key",
+    f"d=$(mktemp -d); echo '{SIGNED}' > $d/data; gpg --batch --armor --detach-sign -o - $d/data",
+    "gpg --armor --export",
+]
+#: OpenSC first: scdaemon keeps the reader once gpg has used the card.
+OPENPGP_COMPARED = [
+    "openpgp-tool",
+    "pkcs15-tool -D",
+    f"pkcs11-tool --module {PKCS11} -L -O",
+    "pkcs15-tool --read-certificate 03",
+    "gpg --card-status",
+]
+#: OpenSC names a YubiKey by its exact ATR, which the guest cannot see
+#: (docs/compatibility.md#C1): compared by hand.
+CARD_NAME = ["opensc-tool -n"]
+
+
+def armored(text: str, kind: str) -> str:
+    match = re.search(rf"-----BEGIN PGP {kind}-----.*?-----END PGP {kind}-----", text, re.S)
+    assert match, text
+    return match.group(0) + "\n"
+
+
+def verify_gpg_signature(tmp: Path, run_output: list[CommandResult], fingerprint: str) -> None:
+    """The guest's detached signature verifies with the guest-exported key, whose
+    fingerprint is the card's own (computed from the card's key file)."""
+    sig = armored(run_output[-2].output, "SIGNATURE")
+    pub = armored(run_output[-1].output, "PUBLIC KEY BLOCK")
+    data = tmp / "data"
+    data.write_text(SIGNED + "\n")
+    (tmp / "data.asc").write_text(sig)
+    (tmp / "card.asc").write_text(pub)
+    with GnupgHome() as home:
+        home.gpg("--import", str(tmp / "card.asc"), check=True)
+        r = home.gpg("--status-fd", "1", "--verify", str(tmp / "data.asc"), str(data))
+        assert r.returncode == 0, r.stderr
+        assert f"[GNUPG:] VALIDSIG {fingerprint}" in r.stdout
+        data.write_text("tampered\n")
+        assert home.gpg("--verify", str(tmp / "data.asc"), str(data)).returncode != 0
+
+
+def test_openpgp_card_gnupg_and_opensc_in_the_guest_match_the_host(
+    lab_card, middleware, keys_dir: Path, tmp_path: Path
+) -> None:
+    card = lab_card(openpgp.spec(keys_dir))
+    m = middleware(card.reader)
+    commands = CARD_NAME + OPENPGP_COMPARED + GPG_SIGN
+    host = m.on_host(commands)
+    status = host[len(OPENPGP_COMPARED)]
+    assert status.rc == 0, status.output
+    assert "Application ID ...: D2760001240103040006123456780000" in status.output
+    fingerprint = openpgp.v4_fingerprint(ensure_keys(keys_dir).openpgp["sig"].public_key())
+    fresh(card)
+    run = m.in_guest(commands)
+    guest = run.results
+    atr = openpgp.atr()
+    assert run.run.atr == announce_t0(atr)
+    assert_same(host, m, run, {atr: "<atr>", announce_t0(atr): "<atr>"},
+                only=range(1, 1 + len(OPENPGP_COMPARED)))
+    card_status = guest[len(OPENPGP_COMPARED)].output
+    assert "Version ..........: 3.4" in card_status
+    groups = [fingerprint.hex().upper()[i:i + 4] for i in range(0, 40, 4)]
+    assert f"Signature key ....: {' '.join(groups[:5])}  {' '.join(groups[5:])}" in card_status
+    assert host[0].output.endswith("\nYubikey 5 (OpenPGP v3.4) (0006 12345678)\n")
+    assert guest[0].output.endswith("\nOpenPGP card v3.4 (0006 12345678)\n")
+    (tmp_path / "guest").mkdir()
+    verify_gpg_signature(tmp_path / "guest", guest, fingerprint.hex().upper())
+    (tmp_path / "host").mkdir()
+    verify_gpg_signature(tmp_path / "host", host, fingerprint.hex().upper())
+
+
+def test_without_p1_gnupg_in_the_guest_refuses_the_card(
+    lab_card, middleware, keys_dir: Path
+) -> None:
+    """The control: with the ext-length rule off, scdaemon refuses extended APDUs on
+    the guest's T=0 reader (docs/compatibility.md), as it did before the rule."""
+    card = lab_card(openpgp.spec(keys_dir))
+    m = middleware(card.reader, keep="ext-length")
+    run = m.in_guest(["gpg --card-status"])
+    (status,) = run.results
+    assert status.rc != 0 and "Not supported" in status.output
+
+
+# -- the PIV card -----------------------------------------------------------------------
+
+PIV_SIGNED = "signed with PIV in the guest"
+PIV_COMPARED = ["opensc-tool -n", "pkcs15-tool -D", f"pkcs11-tool --module {PKCS11} -L -O",
+                "pkcs15-tool --read-certificate 01"]
+PIV_SIGN = (f"d=$(mktemp -d); echo '{PIV_SIGNED}' > $d/data; pkcs11-tool --module {PKCS11}"
+            f" --login --pin {piv.PIN.decode()} --sign --id 01 -m ECDSA-SHA256 -i $d/data"
+            " -o $d/sig && od -An -tx1 -v $d/sig")
+
+
+def verify_piv_signature(result: CommandResult, keys_dir: Path) -> None:
+    assert result.rc == 0, result.output
+    raw = bytes.fromhex("".join(re.findall(r"^(?: [0-9a-f]{2})+$", result.output, re.M)
+                               ).replace(" ", ""))
+    assert len(raw) == 64, result.output
+    der = utils.encode_dss_signature(int.from_bytes(raw[:32], "big"),
+                                     int.from_bytes(raw[32:], "big"))
+    pub = ensure_keys(keys_dir).piv_9a_cert.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(der, (PIV_SIGNED + "\n").encode(), ec.ECDSA(hashes.SHA256()))
+
+
+def test_piv_card_opensc_and_pkcs11_in_the_guest_match_the_host(
+    lab_card, middleware, keys_dir: Path
+) -> None:
+    card = lab_card(piv.spec(keys_dir))
+    m = middleware(card.reader)
+    commands = [*PIV_COMPARED, PIV_SIGN]
+    host = m.on_host(commands)
+    assert "Personal Identity Verification Card" in host[0].output
+    verify_piv_signature(host[-1], keys_dir)
+    fresh(card)
+    run = m.in_guest(commands)
+    assert_same(host, m, run, {piv.ATR: "<atr>", announce_t0(piv.ATR): "<atr>"},
+                only=range(len(PIV_COMPARED)))
+    verify_piv_signature(run.results[-1], keys_dir)
+
+
+# -- the strict T=1 card ------------------------------------------------------------------
+
+SELECT_T1 = "00A4040007" + strict_t1.AID.hex().upper()
+
+
+def test_strict_t1_case4_data_reaches_the_guest_as_61xx_and_get_response(
+    lab_card, middleware
+) -> None:
+    card = lab_card(strict_t1.spec())
+    m = middleware(card.reader)
+    # OpenSC on the host sends Le (T=1); in the guest its T=0 stack drops it.
+    compared = [f"opensc-tool -s {SELECT_T1}00", "opensc-tool -s 0088000004DEADBEEF00"]
+    host = m.on_host(compared)
+    assert strict_t1.fci().hex(" ").upper() in host[0].output
+    fresh(card)
+    raw = ("steps=wait-card,connect,apdu:" + SELECT_T1 + f",apdu:00C00000{len(strict_t1.fci()):02X}"
+           " /usr/bin/ccidt-client")
+    run = m.in_guest([*compared, raw])
+    assert_same(host, m, run, {strict_t1.ATR: "<atr>", announce_t0(strict_t1.ATR): "<atr>"},
+                only=range(len(compared)))
+    # The raw PC/SC client sees what a T=0 card gives: 61xx, then the data on GET RESPONSE.
+    apdus = re.findall(r"CCIDT apdu (\w+) -> (\w+)", run.results[-1].output)
+    assert apdus == [(SELECT_T1, f"61{len(strict_t1.fci()):02X}"),
+                     (f"00C00000{len(strict_t1.fci()):02X}",
+                      strict_t1.fci().hex().upper() + "9000")], run.results[-1].output

@@ -24,6 +24,7 @@ EXT_INFO = bytes.fromhex("7F6608020208000202 0800".replace(" ", ""))
 AID = bytes.fromhex("4F10D2760001240103040006123456780000")
 DISCRETIONARY = bytes.fromhex("7308C00A7D000BFE080000FF")  # a short, odd 73 on purpose
 OK = b"\x90\x00"
+DUAL_ATR = bytes.fromhex("3B8F8001804F0CA0000003060300030000000068")
 
 
 def template_6e(*children: bytes) -> bytes:
@@ -64,7 +65,7 @@ def linked(card: Callable[[bytes], bytes], protocol: int | None = 1, **kw) -> tu
         return card(apdu)
 
     link = Link(session=BridgeSession("r", **kw), card=recording)
-    link.session.handle(events.CardInserted(T1_ATR, protocol))
+    link.session.handle(events.CardInserted(T1_ATR if protocol == 1 else DUAL_ATR, protocol))
     link.connect()
     return link, sent
 
@@ -194,10 +195,17 @@ def test_without_p3_the_strict_card_loses_the_data() -> None:
 
 
 def test_p3_only_for_t1_cards() -> None:
-    for protocol in (0, None):
+    for protocol in (0, None):  # a dual T=0/T=1 ATR: unknown means "maybe T=0"
         link, sent = linked(strict_t1_card, protocol=protocol)
         assert guest_gets(link, SELECT_NO_LE) == OK
         assert sent == [SELECT_NO_LE]
+
+
+def test_p3_protocol_unknown_but_the_atr_offers_only_t1() -> None:
+    link = Link(session=BridgeSession("r"), card=strict_t1_card)
+    link.session.handle(events.CardInserted(T1_ATR))  # the runtime did not say
+    link.connect()
+    assert guest_gets(link, SELECT_NO_LE) == bytes([0x61, len(FCI)])
 
 
 def test_p3_never_touches_case3_or_commands_with_le() -> None:
@@ -261,7 +269,7 @@ def answer(p: Presentation, command: bytes, data: bytes, seq: int = 7) -> bytes:
 @given(st.binary(max_size=40), st.binary(min_size=2, max_size=2))
 def test_5f52_answers_change_at_most_the_extended_length_bit(body: bytes, sw: bytes) -> None:
     p = Presentation()
-    p.card(1)
+    p.card(T1_ATR, 1)
     out = answer(p, GET_5F52, body + sw)
     assert len(out) == len(body) + 2 and out[-2:] == sw
     diff = [i for i in range(len(out)) if out[i] != (body + sw)[i]]
@@ -282,7 +290,7 @@ def test_006e_answers_change_at_most_7f66_values(children, garble: bool) -> None
     if garble and len(data) > 3:
         data = data[:-1]  # one byte short: the template no longer parses
     p = Presentation()
-    p.card(1)
+    p.card(T1_ATR, 1)
     out = answer(p, GET_6E, data + OK)
     assert len(out) == len(data) + 2
     start = data.find(b"\x7f\x66\x08\x02\x02")
@@ -298,7 +306,7 @@ def test_006e_answers_change_at_most_7f66_values(children, garble: bool) -> None
 def test_commands_and_answers_outside_the_rules_pass_unchanged(command: bytes, reply: bytes,
                                                                protocol) -> None:
     p = Presentation()
-    p.card(protocol)
+    p.card(DUAL_ATR, protocol)
     sent = p.command(1, command)
     got = p.response(1, reply)
     if sent != command:  # only P3 changes commands: append Le 00, nothing else

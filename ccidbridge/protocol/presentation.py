@@ -28,7 +28,8 @@ P2 ``max-length``: in the answer to GET DATA 006E, the extended length
    is capped at 255 and 256 bytes, what short APDUs carry.  OpenSC's openpgp
    driver takes its APDU sizes from there (protocol/VSCARD.md#P2); scdaemon
    2.2/2.4 does not read 7F66.
-P3 ``le``: for a card the host talks to with T=1, a guest command that
+P3 ``le``: for a card the host talks to with T=1 (CardInserted.protocol, or
+   a T=1-only ATR when that is not known), a guest command that
    comes without Le but is case 4 by its definition (data in, data out:
    SELECT returning FCI/FCP, GET DATA odd INS CB, GENERATE ASYMMETRIC KEY
    PAIR, INTERNAL/GENERAL AUTHENTICATE, PSO:CDS/DECIPHER/ENCIPHER) gets
@@ -48,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ccidbridge.protocol import events
+from ccidbridge.protocol.atr import AtrError
+from ccidbridge.protocol.atr import parse as parse_atr
 
 EXT_LENGTH = "ext-length"
 MAX_LENGTH = "max-length"
@@ -213,8 +216,14 @@ class Presentation:
         self._told: set[str] = set()  # rules logged for this card
         self._context: dict[int, str] = {}  # seq -> the rule that looks at its answer
 
-    def card(self, protocol: int | None) -> None:
-        """A (new) card: ``protocol`` is what the host talks to it with (0, 1, None)."""
+    def card(self, atr: bytes, protocol: int | None) -> None:
+        """A (new) card: ``protocol`` is what the host talks to it with (0, 1, or
+        None: unknown, and then T=1 if its ATR offers nothing else)."""
+        if protocol is None:
+            try:
+                protocol = 1 if parse_atr(atr).protocols == {1} else None
+            except AtrError:
+                protocol = None
         self._protocol = protocol
         self._told.clear()
         self._context.clear()

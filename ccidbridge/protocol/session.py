@@ -167,7 +167,7 @@ class BridgeSession:
                 self._answer(seq, None)
             case events.CardInserted(atr, protocol):
                 self._atr = bytes(atr)
-                self._presentation.card(protocol)
+                self._presentation.card(self._atr, protocol)
                 if self._connected:
                     self._announce_card()
             case events.CardRemoved():

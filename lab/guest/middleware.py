@@ -6,15 +6,15 @@ archive appended (the kernel unpacks concatenated archives; a later entry
 replaces an earlier one).  The addition holds OpenSC's tools, its PKCS#11
 module and /etc/opensc, GnuPG's gpg, gpg-agent, gpgconf, gpg-connect-agent
 and scdaemon, every library ``ldd`` lists for them, libpcsclite.so.1 (OpenSC
-and scdaemon dlopen() it, so ldd does not show it), a test pinentry
-(pinentry.sh) and ``/ccidt/main`` (run_commands.sh), which /init runs instead
-of the PC/SC client.  Cached next to the minimal image:
+and scdaemon dlopen() it, so ldd does not show it), the test pinentry of
+lab/cards/gnupg.py and ``/ccidt/main`` (run_commands.sh), which /init runs
+instead of the PC/SC client.  Cached next to the minimal image:
 ``<cache>/middleware/<key>/initrd.gz``, ``key`` hashing the minimal image's key,
 these files and the versions of the Debian packages copied.
 
-GnuPG runs the same way in the guest and on the host (:func:`gnupg_home`):
-a private GNUPGHOME whose scdaemon goes over pcscd (``disable-ccid``), and
-the PIN from the test pinentry.  Commands run with ``sh``; in the guest each
+GnuPG runs in the guest as lab/cards/gnupg.py runs it on the host: a private
+GNUPGHOME whose scdaemon goes over pcscd (``disable-ccid``, libpcsclite), and
+the PIN (the test cards' PW1) from the test pinentry.  Commands run with ``sh``; in the guest each
 one is bounded by ``cmd_timeout`` and its stdout and stderr are printed
 between markers on the serial console (run_commands.sh), parsed here into
 :class:`CommandResult`.
@@ -34,6 +34,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.cards.gnupg import PCSC_LIB
+from lab.cards.gnupg import PINENTRY as PINENTRY_SCRIPT
+from lab.cards.openpgp import PW1
 from lab.guest import boot
 from lab.guest.build import (
     HERE,
@@ -66,38 +69,15 @@ PROGRAMS = (
 #: dlopen()ed, so ldd does not list them (the PKCS#11 module's own libraries are).
 MODULES = (LIB / "opensc-pkcs11.so", LIB / "libpcsclite.so.1")
 OPENSC_CONF = Path("/etc/opensc/opensc.conf")
-PINENTRY = "/usr/bin/ccidt-pinentry"
-#: The test cards' default PINs (OpenPGP PW1 / PW3; PIV PIN), for the pinentry.
-USER_PIN = "123456"
-ADMIN_PIN = "12345678"
+PINENTRY = "/ccidt/pinentry/pinentry.sh"  # reads the PIN from "pin" beside it
 
 
-def gnupg_conf(pinentry: str) -> dict[str, str]:
-    """GNUPGHOME's config files, the same in the guest and on the host.
-
-    ``disable-ccid``: scdaemon talks to pcscd like OpenSC, not to USB readers
-    itself (in the guest there is only pcscd's reader to talk to anyway).
-    """
+def gnupg_conf() -> dict[str, str]:
+    """The guest's GNUPGHOME config: lab/cards/gnupg.py's, with guest paths."""
     return {
-        "scdaemon.conf": "disable-ccid\n",
-        "gpg-agent.conf": f"pinentry-program {pinentry}\n",
-        "gpg.conf": "no-greeting\nbatch\n",
+        "scdaemon.conf": f"disable-ccid\npcsc-driver {PCSC_LIB}\n",
+        "gpg-agent.conf": f"pinentry-program {PINENTRY}\nallow-loopback-pinentry\n",
     }
-
-
-def gnupg_home(directory: Path) -> dict[str, str]:
-    """Set up a private GNUPGHOME on the host; returns the environment to use."""
-    home = directory / "gnupg"
-    home.mkdir(parents=True, exist_ok=True)
-    home.chmod(0o700)
-    pinentry = home / "pinentry"
-    pinentry.write_bytes((HERE / "pinentry.sh").read_bytes())
-    pinentry.chmod(0o755)
-    (home / "pin").write_text(USER_PIN)
-    (home / "admin-pin").write_text(ADMIN_PIN)
-    for name, text in gnupg_conf(str(pinentry)).items():
-        (home / name).write_text(text)
-    return {"GNUPGHOME": str(home), "HOME": str(directory)}
 
 
 # --------------------------------------------------------------------------- build
@@ -125,8 +105,9 @@ def _versions() -> dict[str, str]:
 
 def _key(base: GuestImage) -> str:
     digest = hashlib.sha256(f"middleware={MIDDLEWARE_VERSION}\nbase={base.key}\n".encode())
-    for name in ("middleware.py", "run_commands.sh", "pinentry.sh"):
+    for name in ("middleware.py", "run_commands.sh"):
         digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    digest.update(PINENTRY_SCRIPT.encode() + PW1)
     digest.update(json.dumps(_versions(), sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
@@ -169,10 +150,9 @@ def _build(base: GuestImage, image_dir: Path) -> None:
     for dest, src in _shared_libraries([*PROGRAMS, *MODULES]).items():
         cpio.file(dest, src.resolve().read_bytes(), 0o755)
     cpio.file("ccidt/main", (HERE / "run_commands.sh").read_bytes(), 0o755)
-    cpio.file(PINENTRY, (HERE / "pinentry.sh").read_bytes(), 0o755)
-    cpio.file("usr/bin/pin", USER_PIN.encode())
-    cpio.file("usr/bin/admin-pin", ADMIN_PIN.encode())
-    for name, text in gnupg_conf(PINENTRY).items():
+    cpio.file(PINENTRY, PINENTRY_SCRIPT.encode(), 0o755)
+    cpio.file(str(Path(PINENTRY).parent / "pin"), PW1)
+    for name, text in gnupg_conf().items():
         cpio.file(f"ccidt/gnupg/{name}", text.encode())
     image_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=image_dir.parent, prefix="tmp-") as tmp:
