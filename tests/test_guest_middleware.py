@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
 from ccidbridge.protocol.atr import announce_t0
 from lab.bridgeproc import BridgeProcess, device_args, write_config
@@ -317,3 +317,22 @@ def test_strict_t1_case4_data_reaches_the_guest_as_61xx_and_get_response(
              for c, r in re.findall(r"CCIDT apdu (\w+) -> (\w+)", run.results[-1].output)]
     assert apdus == [(SELECT_T1, f"61{n:02X}"),
                      (f"00C00000{n:02X}", strict_t1.fci().hex().upper() + "9000")], run.results[-1]
+
+
+def test_openpgp_card_pkcs11_decrypt_in_the_guest(lab_card, middleware, keys_dir: Path) -> None:
+    """PSO:DECIPHER carries 257 bytes, more than a short APDU: OpenSC in the guest
+    must chain it in short links, which needs the extended-length bit cleared in
+    the ATR and 5F52 (P1) and 7F66 capped (P2) (protocol/VSCARD.md#P1, #P2)."""
+    card = lab_card(openpgp.spec(keys_dir))
+    m = middleware(card.reader)
+    secret = b"a session key, say"
+    cipher = ensure_keys(keys_dir).openpgp["dec"].public_key().encrypt(secret, padding.PKCS1v15())
+    decrypt = (f"d=$(mktemp -d); echo {cipher.hex()} | xxd -r -p > $d/c; pkcs11-tool --module"
+               f" {PKCS11} --token-label 'OpenPGP card (User PIN)' --login --pin"
+               f" {openpgp.PW1.decode()} --decrypt --id 02 -m RSA-PKCS -i $d/c -o $d/p"
+               " && echo plain=$(xxd -p $d/p)")
+    host = m.on_host([decrypt])
+    assert f"plain={secret.hex()}" in host[0].output, host[0].output
+    fresh(card)
+    (guest,) = m.in_guest([decrypt]).results
+    assert f"plain={secret.hex()}" in guest.output, guest.output

@@ -1,4 +1,4 @@
-"""The presentation rules P1, P2 (ccidbridge/protocol/presentation.py) through
+"""The presentation rules P1..P3 (ccidbridge/protocol/presentation.py) through
 the session against QEMU 7.2's twin, and their pure parts with property tests:
 bytes outside the named fields never change, and garbage passes unchanged."""
 
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ccidbridge.protocol import events
+from ccidbridge.protocol.atr import announce_t0, tck
 from ccidbridge.protocol.presentation import RULES, Presentation
 from ccidbridge.protocol.session import BridgeSession
 from lab.twin import Outcome
@@ -136,17 +137,43 @@ def test_broken_historical_bytes_pass_unchanged_with_one_event() -> None:
     assert not applied(link)
 
 
-# what no rule touches ----------------------------------------------------------
-
-
-def test_006e_passes_unchanged_with_its_5f52_copy_and_7f66() -> None:
-    """Neither scdaemon nor OpenSC needs 006E changed (protocol/VSCARD.md#P1)."""
-    link, _ = linked(openpgp_card)
-    assert guest_gets(link, GET_6E) == APP_DATA + OK
-    assert not applied(link) and not link.of(events.PresentationSkipped)
-
-
 # P2 -------------------------------------------------------------------------
+
+
+def test_p2_caps_7f66_in_006e_and_keeps_the_rest() -> None:
+    link, _ = linked(openpgp_card, protocol=0)  # on any card: the guest's reader is T=0
+    got = guest_gets(link, GET_6E)
+    capped = bytes.fromhex("7F66080202 00FF 0202 0100".replace(" ", ""))
+    assert got == APP_DATA.replace(EXT_INFO, capped) + OK
+    assert HIST in got  # 5F52 inside 006E: read by nobody, left alone
+    (event,) = applied(link)
+    assert (event.rule, event.where) == ("max-length", "GET DATA 006E")
+
+
+def test_p2_leaves_small_limits_and_a_template_without_7f66_alone() -> None:
+    small = template_6e(AID, bytes.fromhex("7F660802020080020200F0"))
+    for data in (small, template_6e(AID, DISCRETIONARY)):
+        link, _ = linked(lambda apdu, data=data: data + OK)
+        assert guest_gets(link, GET_6E) == data + OK
+        assert not applied(link)
+
+
+def test_p2_garbage_passes_unchanged() -> None:
+    cases = [
+        b"\x6e\x20" + AID,  # template longer than the answer
+        template_6e(AID) + b"\x00",  # trailing byte
+        b"\x65\x02\x5b\x00",  # not 6E
+        template_6e(AID, bytes.fromhex("7F6604020208")),  # 7F66 of the wrong shape
+        template_6e(AID, bytes.fromhex("7F6685")),  # bad BER length
+    ]
+    for data in cases:
+        link, _ = linked(lambda apdu, data=data: data + OK)
+        assert guest_gets(link, GET_6E) == data + OK
+        assert len(link.of(events.PresentationSkipped)) == 1, data.hex()
+        assert not applied(link)
+
+
+# P3 -------------------------------------------------------------------------
 
 
 def test_p3_strict_t1_card_case4_data_reaches_the_guest_as_61xx_and_get_response() -> None:
@@ -228,7 +255,7 @@ def test_unknown_rule_names_are_refused() -> None:
         assert "ext-lenght" in str(exc)
     else:
         raise AssertionError("accepted an unknown rule")
-    assert set(RULES) == {"ext-length", "le"}
+    assert set(RULES) == {"ext-length", "max-length", "le"}
 
 
 # properties -------------------------------------------------------------------
@@ -256,16 +283,22 @@ def test_5f52_answers_change_at_most_the_extended_length_bit(body: bytes, sw: by
 @given(st.lists(st.tuples(st.sampled_from([0x4F, 0x5F52, 0x7F66, 0x73, 0xC0, 0x7F74]),
                           st.binary(max_size=12)), max_size=6),
        st.booleans())
-def test_006e_answers_pass_byte_for_byte(children, garble: bool) -> None:
+def test_006e_answers_change_at_most_7f66_values(children, garble: bool) -> None:
     def tlv(tag: int, value: bytes) -> bytes:
         return tag.to_bytes(2 if tag > 0xFF else 1, "big") + bytes([len(value)]) + value
 
     data = template_6e(*(tlv(t, v) for t, v in children))
     if garble and len(data) > 3:
-        data = data[:-1]
+        data = data[:-1]  # one byte short: the template no longer parses
     p = Presentation()
     p.card(T1_ATR, 1)
-    assert answer(p, GET_6E, data + OK) == data + OK
+    out = answer(p, GET_6E, data + OK)
+    assert len(out) == len(data) + 2
+    start = data.find(b"\x7f\x66\x08\x02\x02")
+    for i in range(len(data)):
+        if out[i] != data[i]:
+            assert not garble and start >= 0
+            assert i in (start + 5, start + 6, start + 9, start + 10)
 
 
 @settings(max_examples=400, deadline=None)
@@ -280,7 +313,7 @@ def test_commands_and_answers_outside_the_rules_pass_unchanged(command: bytes, r
     if sent != command:  # only P3 changes commands: append Le 00, nothing else
         assert protocol == 1 and sent == command + b"\x00"
         assert got.data == reply and got.defer == (len(reply) > 2)
-    elif command[1:4] != b"\xca\x5f\x52":
+    elif command[1:2] != b"\xca":
         assert got.data == reply and not got.defer
 
 
@@ -296,3 +329,24 @@ def test_garbage_answers_through_the_session_reach_the_guest_unchanged(
     assert got == pure  # the session applies exactly the rule, nothing more
     if link.of(events.PresentationSkipped) or not applied(link):
         assert got == reply  # not parsable, or nothing to change: byte for byte
+
+
+def test_announce_t0_clears_the_atr_extended_length_bit_and_nothing_else() -> None:
+    """P1's ATR part lives in R8's rewrite: only TD1, the bit and TCK change."""
+    sent = announce_t0(T1_ATR)
+    diff = [i for i in range(len(T1_ATR)) if sent[i] != T1_ATR[i]]
+    assert diff == [5, 13, len(T1_ATR) - 1]
+    assert sent[5] == 0x80 and sent[13] == T1_ATR[13] & ~0x40
+    assert announce_t0(DUAL_ATR) == DUAL_ATR  # offers T=0: left byte for byte
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=0, max_size=15))
+def test_announce_t0_changes_only_td1_the_bit_and_tck(historical: bytes) -> None:
+    body = bytes([0xF0 | len(historical)]) + bytes.fromhex("1300008131FE15") + historical
+    atr = b"\x3b" + body + bytes([tck(body)])
+    sent = announce_t0(atr)
+    assert len(sent) == len(atr)
+    for i in range(len(atr)):
+        if sent[i] != atr[i]:
+            assert i in (5, len(atr) - 1) or (atr[i] ^ sent[i]) == 0x40

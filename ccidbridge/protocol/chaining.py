@@ -65,7 +65,7 @@ class ResponseChain:
 
 def defer(response: bytes) -> tuple[bytes, ResponseChain]:
     """``61 XX`` now and every data byte on GET RESPONSE, as a T=0 card answers
-    a case-4 command (presentation rule P2).  ``response`` has data and SW."""
+    a case-4 command (presentation rule P3).  ``response`` has data and SW."""
     data, sw = response[:-2], response[-2:]
     return _sw_more(len(data)), ResponseChain(data, sw)
 

@@ -29,7 +29,7 @@ class CardInserted:
     """A card is present with this ATR: inserted, reset, or found at start.
 
     ``protocol``: what the host talks to the card with (0 or 1; None when
-    unknown).  Rule P2 (presentation.py) acts only on T=1 cards.
+    unknown).  Rule P3 (presentation.py) acts only on T=1 cards.
     """
 
     atr: bytes

@@ -11,21 +11,25 @@ logged once per card (:class:`~ccidbridge.protocol.events.PresentationApplied`)
 and can be switched off per card (``<reader keep='NAME ...'>``, the names in
 :data:`RULES`).  Answers that do not parse as the rule expects pass through
 unchanged with one :class:`~ccidbridge.protocol.events.PresentationSkipped`.
-Facts: protocol/VSCARD.md#P1, #P2.
+Facts: protocol/VSCARD.md#P1 .. #P3.
 
 P1 ``ext-length``: the "extended Lc and Le fields" bit (0x40 of the third
    byte of the card capabilities, compact-TLV tag 7 length 3, ISO/IEC 7816-4
    §8.1.1.2.7) is cleared in the answer to GET DATA 5F52 (the historical
    bytes).  scdaemon reads its extended-length capability only there and
    then refuses every extended APDU on a T=0 reader ("Not supported"), so
-   ``gpg --card-status`` fails; OpenSC's openpgp driver reads it there too
-   (protocol/VSCARD.md#P1).  Left alone, because nothing measured needs
-   them changed: the same bit in the ATR's historical bytes (OpenSC reads it
-   there too and still works in the guest; an ATR changed only by R8 keeps
-   every other byte of the card's), the copy of 5F52 inside 006E (read by
-   neither) and the extended length information DO 7F66 (OpenSC takes APDU
-   sizes from it and still works).
-P2 ``le``: for a card the host talks to with T=1 (CardInserted.protocol, or
+   ``gpg --card-status`` fails (protocol/VSCARD.md#P1).  OpenSC reads it
+   there and in the ATR's historical bytes; the ATR's copy is cleared by
+   R8's T=0 rewrite (atr.announce_t0), so an ATR R8 leaves alone keeps every
+   byte of the card's.  The copy of 5F52 inside 006E is read by neither and
+   left alone.
+P2 ``max-length``: in the answer to GET DATA 006E, the extended length
+   information DO 7F66 (two INTEGERs: the longest command and response) is
+   capped at 255 and 256 bytes, what short APDUs carry.  OpenSC's openpgp
+   driver sizes its APDUs and command chains from it; left at a YubiKey's
+   3070 bytes, a 257-byte PSO:DECIPHER goes out as one chain link longer
+   than a short APDU and fails (protocol/VSCARD.md#P2).
+P3 ``le``: for a card the host talks to with T=1 (CardInserted.protocol, or
    a T=1-only ATR when that is not known), a guest command that
    comes without Le but is case 4 by its definition (data in, data out:
    SELECT returning FCI/FCP, GET DATA odd INS CB, GENERATE ASYMMETRIC KEY
@@ -33,7 +37,7 @@ P2 ``le``: for a card the host talks to with T=1 (CardInserted.protocol, or
    ``Le = 00``.  The guest's T=0 stack never sends Le on case 4
    (ISO/IEC 7816-3 §12.2.5), a T=0 card answers 61xx and the guest fetches
    the data with GET RESPONSE; a strict T=1 card answers such a command
-   without Le with a bare 9000 and the data is lost (protocol/VSCARD.md#P2).
+   without Le with a bare 9000 and the data is lost (protocol/VSCARD.md#P3).
    The card's data then reaches the guest as a T=0 card would give it:
    ``61 xx`` first, the data on GET RESPONSE (chaining.py).  Only commands
    known to be case 4 are changed, so no command is ever sent twice and no
@@ -46,19 +50,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ccidbridge.protocol import events
-from ccidbridge.protocol.atr import AtrError
+from ccidbridge.protocol.atr import AtrError, clear_ext_length
 from ccidbridge.protocol.atr import parse as parse_atr
 
 EXT_LENGTH = "ext-length"
+MAX_LENGTH = "max-length"
 LE = "le"
 #: The rule names ``<reader keep='...'>`` accepts (``all``: every rule).
-RULES = (EXT_LENGTH, LE)
+RULES = (EXT_LENGTH, MAX_LENGTH, LE)
 
-_EXT_LC_LE = 0x40  # card capabilities, third byte (P1)
+_SHORT_MAX_COMMAND = 255  # P2
+_SHORT_MAX_RESPONSE = 256
 _OK = b"\x90\x00"
 
 
-class _Garbage(ValueError):
+class Garbage(ValueError):
     """An answer that does not parse as the rule expects."""
 
 
@@ -67,49 +73,67 @@ class Answer:
     """What the guest gets for one card answer."""
 
     data: bytes
-    #: Serve as a T=0 card would: 61xx now, the data on GET RESPONSE (P2).
+    #: Serve as a T=0 card would: 61xx now, the data on GET RESPONSE (P3).
     defer: bool = False
 
 
 # -- the pieces each rule reads ---------------------------------------------
 
 
-def _capabilities_index(historical: bytes) -> int | None:
-    """Index in ``historical`` of the card capabilities' third byte, or None.
-
-    Category indicator 00: compact TLV objects, then a 3-byte status
-    indicator; 80: compact TLV objects only (ISO/IEC 7816-4 §8.1.1).  Other
-    categories carry no compact TLV.  Raises _Garbage on a broken TLV.
-    """
-    if not historical:
-        return None
-    if historical[0] == 0x00:
-        end = len(historical) - 3
-    elif historical[0] == 0x80:
-        end = len(historical)
+def _ber_tlv(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of value, end of value) of the BER-TLV at ``pos``."""
+    if pos >= len(data):
+        raise Garbage("TLV ends before its tag")
+    tag = data[pos]
+    pos += 1
+    if tag & 0x1F == 0x1F:
+        while True:
+            if pos >= len(data):
+                raise Garbage("TLV ends inside its tag")
+            tag = tag << 8 | data[pos]
+            pos += 1
+            if not data[pos - 1] & 0x80:
+                break
+            if tag > 0xFFFFFF:
+                raise Garbage("tag longer than 3 bytes")
+    if pos >= len(data):
+        raise Garbage("TLV ends before its length")
+    first = data[pos]
+    pos += 1
+    if first < 0x80:
+        length = first
+    elif first in (0x81, 0x82, 0x83):
+        n = first & 0x7F
+        if pos + n > len(data):
+            raise Garbage("TLV ends inside its length")
+        length = int.from_bytes(data[pos : pos + n], "big")
+        pos += n
     else:
-        return None
-    pos = 1
-    if end < pos:
-        raise _Garbage("historical bytes shorter than their status indicator")
+        raise Garbage(f"length byte {first:02X} is not valid BER")
+    if pos + length > len(data):
+        raise Garbage(f"TLV {tag:X} says {length} bytes, {len(data) - pos} follow")
+    return tag, pos, pos + length
+
+
+def _cap_max_length(data: bytes) -> bytes:
+    """The 006E template with 7F66's two lengths capped (P2), or unchanged."""
+    tag, start, end = _ber_tlv(data, 0)
+    if tag != 0x6E or end != len(data):
+        raise Garbage("the answer is not one 6E template")
+    pos = start
     while pos < end:
-        tag, length = historical[pos] >> 4, historical[pos] & 0x0F
-        if pos + 1 + length > end:
-            raise _Garbage(f"compact-TLV object at byte {pos} runs past the end")
-        if tag == 7 and length == 3:
-            return pos + 3
-        pos += 1 + length
-    return None
-
-
-def _clear_ext_length(historical: bytes) -> bytes:
-    """``historical`` with the extended Lc/Le bit cleared (P1), or unchanged."""
-    index = _capabilities_index(historical)
-    if index is None or not historical[index] & _EXT_LC_LE:
-        return historical
-    out = bytearray(historical)
-    out[index] &= ~_EXT_LC_LE & 0xFF
-    return bytes(out)
+        child, vstart, vend = _ber_tlv(data, pos)
+        if child == 0x7F66:
+            value = data[vstart:vend]
+            if len(value) != 8 or value[0:2] != b"\x02\x02" or value[4:6] != b"\x02\x02":
+                raise Garbage("7F66 is not two 2-byte INTEGERs")
+            command = min(int.from_bytes(value[2:4], "big"), _SHORT_MAX_COMMAND)
+            response = min(int.from_bytes(value[6:8], "big"), _SHORT_MAX_RESPONSE)
+            capped = (value[0:2] + command.to_bytes(2, "big") + value[4:6]
+                      + response.to_bytes(2, "big"))
+            return data[:vstart] + capped + data[vend:]
+        pos = vend
+    return data
 
 
 # -- which commands the rules look at ------------------------------------------
@@ -123,7 +147,7 @@ def _get_data_tag(apdu: bytes) -> int | None:
 
 
 def _case4_without_le(apdu: bytes) -> bool:
-    """A short command with data and no Le whose INS is case 4 by definition (P2)."""
+    """A short command with data and no Le whose INS is case 4 by definition (P3)."""
     if len(apdu) < 6 or apdu[0] & 0x80 or apdu[0] == 0xFF:
         return False
     lc = apdu[4]
@@ -175,8 +199,11 @@ class Presentation:
 
     def command(self, seq: int, apdu: bytes) -> bytes:
         """What to send the card for guest request ``seq``."""
-        if _get_data_tag(apdu) == 0x5F52 and EXT_LENGTH in self._active:
+        tag = _get_data_tag(apdu)
+        if tag == 0x5F52 and EXT_LENGTH in self._active:
             self._context[seq] = EXT_LENGTH
+        elif tag == 0x006E and MAX_LENGTH in self._active:
+            self._context[seq] = MAX_LENGTH
         elif LE in self._active and self._protocol == 1 and _case4_without_le(apdu):
             self._context[seq] = LE
             return apdu + b"\x00"
@@ -205,15 +232,18 @@ class Presentation:
             return Answer(data, defer=True)
         if sw != _OK:
             return Answer(data)
+        fix = clear_ext_length if rule == EXT_LENGTH else _cap_max_length
+        what = "GET DATA 5F52" if rule == EXT_LENGTH else "GET DATA 006E"
         try:
-            changed = _clear_ext_length(body)
-        except _Garbage as exc:
-            self._tell(rule, events.PresentationSkipped(rule, "GET DATA 5F52", str(exc)))
+            changed = fix(body)
+        except (AtrError, Garbage) as exc:
+            self._tell(rule, events.PresentationSkipped(rule, what, str(exc)))
             return Answer(data)
         if changed != body:
-            self._tell(rule, events.PresentationApplied(
-                rule, "GET DATA 5F52", "extended Lc/Le cleared"))
+            detail = ("extended Lc/Le cleared" if rule == EXT_LENGTH
+                      else "7F66 capped to short APDU lengths")
+            self._tell(rule, events.PresentationApplied(rule, what, detail))
         return Answer(changed + sw)
 
 
-__all__ = ["RULES", "Answer", "Presentation"]
+__all__ = ["RULES", "Answer", "Garbage", "Presentation"]

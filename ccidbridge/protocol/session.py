@@ -45,7 +45,7 @@ R10 A removal must be visible to the guest: no ATR leaves within
     answers ReleaseAtr(token) when the time is up.
 
 What the card says about itself is adapted to QEMU's T=0 short-APDU reader
-by the presentation rules P1, P2 (presentation.py), applied at two points:
+by the presentation rules P1..P3 (presentation.py), applied at two points:
 each guest APDU on its way to the card, and each card answer on its way to
 the guest (before R7).  The ATR is R8's alone.
 """
@@ -425,7 +425,7 @@ class BridgeSession:
             return
         answer = self._presentation.response(seq, data)
         data = answer.data
-        if answer.defer:  # P2: as a T=0 card, 61xx first
+        if answer.defer:  # P3: as a T=0 card, 61xx first
             first, self._chain = chaining.defer(data)
             self._emit_apdu_answer(first)
             return
