@@ -11,5 +11,6 @@ Each card's logic is sans-IO (:class:`lab.cards.apdu.Applet`: C-APDU in,
 R-APDU out); :mod:`lab.cards.vpcd` runs any of them on a vpcd slot, on a
 thread or as ``python -m lab.cards.NAME --port P``.  Key material:
 :mod:`lab.cards.keys`.  :mod:`lab.cards.slot` puts a card into a slot of the
-lab's pcscd and waits until pcscd sees it.
+lab's pcscd and waits until pcscd sees it; :mod:`lab.cards.gnupg` is a private
+GnuPG home (scdaemon over pcscd) for driving and checking the OpenPGP card.
 """

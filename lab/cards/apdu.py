@@ -233,6 +233,10 @@ class Applet:
     atr: bytes = b""
     strict_le: bool = False
     powered: bool = False
+    #: how many commands came extended, were joined from a chain, or answered 61xx
+    extended_commands: int = 0
+    chained_commands: int = 0
+    answers_61xx: int = 0
     _pending: bytes = field(default=b"", repr=False)  # what GET RESPONSE hands out next
     _chain: Apdu | None = field(default=None, repr=False)
 
@@ -278,6 +282,9 @@ class Applet:
                 return sw_bytes(SW_CHAIN_LAST_EXPECTED)
             apdu = Apdu(apdu.cla, apdu.ins, apdu.p1, apdu.p2, chain.data + apdu.data, apdu.le,
                         apdu.extended)  # fmt: skip
+            self.chained_commands += 1
+        if apdu.extended:
+            self.extended_commands += 1
         reply = self.handle(apdu)
         return self.deliver(reply, apdu.le)
 
@@ -292,6 +299,7 @@ class Applet:
         if len(reply.data) <= le:
             return reply.data + sw_bytes(reply.sw)
         head, self._pending = reply.data[:le], reply.data[le:]
+        self.answers_61xx += 1
         return head + sw_bytes(0x6100 | min(len(self._pending), 256) & 0xFF)
 
     def _get_response(self, apdu: Apdu) -> bytes:

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +39,18 @@ while read -r cmd rest; do
     esac
 done
 """
+
+
+def verify_detached(public_key: bytes, signature: Path, data: Path) -> str | None:
+    """Verify ``signature`` over ``data`` in a fresh home that holds only
+    ``public_key`` (an exported key): the signer's fingerprint (VALIDSIG), or None."""
+    with GnupgHome() as fresh:
+        key = fresh.path / "key.asc"
+        key.write_bytes(public_key)
+        fresh.gpg("--import", str(key), check=True)
+        r = fresh.gpg("--status-fd", "1", "--verify", str(signature), str(data))
+    m = re.search(r"^\[GNUPG:\] VALIDSIG ([0-9A-F]{40})", r.stdout, re.M)
+    return m.group(1) if r.returncode == 0 and m else None
 
 
 class GnupgHome:
@@ -112,6 +125,34 @@ class GnupgHome:
 
     def agent_cmd(self, *lines: str) -> subprocess.CompletedProcess[str]:
         return self.run("gpg-connect-agent", "--no-autostart", *lines, "/bye")
+
+    def learn_card(self) -> dict[str, str]:
+        """``gpg --card-status`` (the agent learns the card and writes its key stubs),
+        then the keygrip of each card key: ``{"OPENPGP.1": grip, ...}``."""
+        self.gpg("--card-status", check=True)
+        learn = self.agent_cmd("SCD LEARN --force")
+        grips = dict(
+            (ref, grip) for grip, ref in re.findall(r"KEYPAIRINFO (\w{40}) (\S+)", learn.stdout)
+        )
+        if not grips:
+            raise RuntimeError(f"no card keys learnt: {learn.stdout}{learn.stderr}")
+        return grips
+
+    def key_from_card(self, grip: str, created: int, name: str = "ccidbridge test card") -> str:
+        """An OpenPGP primary key (RSA, sign) made from the card key ``grip``, with the
+        card's key time ``created``, so its fingerprint is the card's (docs/middleware.md#M11).
+        The self-signature is made by the card: set the PIN first.  Returns the fingerprint."""
+        when = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created))
+        params = (
+            f"Key-Type: RSA\nKey-Grip: {grip}\nKey-Usage: sign\nName-Real: {name}\n"
+            f"Expire-Date: 0\nCreation-Date: {when}\n%no-protection\n%commit\n"
+        )
+        self.gpg("--gen-key", input=params.encode(), check=True)
+        listing = self.gpg("--with-colons", "--list-keys", check=True).stdout
+        fprs = re.findall(r"^fpr:+([0-9A-F]{40}):", listing, re.M)
+        if len(fprs) != 1:
+            raise RuntimeError(f"expected one key, got {fprs}")
+        return fprs[0]
 
     def tail(self, name: str, n: int = 4000) -> str:
         try:

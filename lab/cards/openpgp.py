@@ -18,7 +18,7 @@ PSO      2A     9E9A COMPUTE DIGITAL SIGNATURE (needs PW1/81; the data is a
                 PKCS#1 DigestInfo), 8086 DECIPHER (needs PW1/82; 00 ‖ RSA
                 PKCS#1 v1.5 cryptogram)
 INT AUTH 88     DigestInfo signed with the authentication key (needs PW1/82)
-GEN KEY  47     P1=81: read the public key (7F49 {81 n, 82 e}, 271 bytes)
+GEN KEY  47     P1=81: read the public key (7F49 {81 n, 82 e}, 270 bytes)
 GET CHAL 84     Le random bytes
 SEL DATA A5     P1=0..2 with 5C 02 7F 21: which 7F21 GET DATA reads (OpenSC
                 selects each before reading it); only 0 (AUT) holds one
@@ -71,7 +71,7 @@ from lab.cards.apdu import (
     tlv,
 )
 from lab.cards.keys import ensure_keys
-from lab.cards.vpcd import CardSpec, VpcdClient, serve_forever
+from lab.cards.vpcd import CardSpec, card_main
 
 AID_PREFIX = bytes.fromhex("D27600012401")
 VERSION = (3, 4)
@@ -375,28 +375,21 @@ def spec(key_dir: Path | str, *, ext_atr: bool = True, ext_hist: bool = True,
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lab.cards.openpgp",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--port", type=int, required=True, help="vpcd slot port")
-    p.add_argument("--host", default="127.0.0.1")
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-dir", required=True, help="key directory (lab/cards/keys.py)")
     p.add_argument("--no-ext-atr", action="store_true", help="no extended Lc/Le in the ATR")
     p.add_argument("--no-ext-hist", action="store_true", help="no extended Lc/Le in DO 5F52")
     p.add_argument("--no-ext-info", action="store_true", help="no DO 7F66")
-    p.add_argument("--connect-timeout", type=float, default=10.0)
-    args = p.parse_args(argv)
-    card = OpenPgpCard.from_key_dir(
-        args.key_dir,
-        ext_atr=not args.no_ext_atr,
-        ext_hist=not args.no_ext_hist,
-        ext_info=not args.no_ext_info,
-    )
-    client = VpcdClient(args.port, card, host=args.host, connect_timeout=args.connect_timeout)
-    return serve_forever(client, "openpgp card")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return card_main(
+        "lab.cards.openpgp", __doc__,
+        lambda a: OpenPgpCard.from_key_dir(a.key_dir, ext_atr=not a.no_ext_atr,
+                                           ext_hist=not a.no_ext_hist,
+                                           ext_info=not a.no_ext_info),
+        argv, _arguments,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from lab.cards.apdu import (
     tlv,
 )
 from lab.cards.keys import ensure_keys
-from lab.cards.vpcd import CardSpec, VpcdClient, serve_forever
+from lab.cards.vpcd import CardSpec, card_main
 
 PIV_AID = bytes.fromhex("A000000308000010000100")
 PIN = b"123456"
@@ -209,20 +209,13 @@ def spec(key_dir: Path | str) -> CardSpec:
                     lambda: PivCard.from_key_dir(key_dir))  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lab.cards.piv",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--port", type=int, required=True, help="vpcd slot port")
-    p.add_argument("--host", default="127.0.0.1")
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-dir", required=True, help="key directory (lab/cards/keys.py)")
-    p.add_argument("--connect-timeout", type=float, default=10.0)
-    args = p.parse_args(argv)
-    card = PivCard.from_key_dir(args.key_dir)
-    client = VpcdClient(args.port, card, host=args.host, connect_timeout=args.connect_timeout)
-    return serve_forever(client, "piv card")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return card_main("lab.cards.piv", __doc__, lambda a: PivCard.from_key_dir(a.key_dir), argv,
+                     _arguments)  # fmt: skip
 
 
 if __name__ == "__main__":

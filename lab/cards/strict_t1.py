@@ -26,7 +26,6 @@ Run: ``python -m lab.cards.strict_t1 --port P``; in-process:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from lab.cards.apdu import (
     status,
     tlv,
 )
-from lab.cards.vpcd import CardSpec, VpcdClient, serve_forever
+from lab.cards.vpcd import CardSpec, card_main
 
 AID = bytes.fromhex("F0636369645431")  # F0 + "ccidT1"
 EF_FID = 0x0101
@@ -133,18 +132,7 @@ def spec() -> CardSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m lab.cards.strict_t1",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--port", type=int, required=True, help="vpcd slot port")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--connect-timeout", type=float, default=10.0)
-    args = p.parse_args(argv)
-    client = VpcdClient(args.port, StrictT1Card(), host=args.host,
-                        connect_timeout=args.connect_timeout)  # fmt: skip
-    return serve_forever(client, "strict T=1 card")
+    return card_main("lab.cards.strict_t1", __doc__, lambda _: StrictT1Card(), argv)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ The card logic is any object with ``atr``, ``power_on()``, ``power_off()`` and
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import signal
 import socket
@@ -179,6 +180,31 @@ class VpcdClient:
             if self._thread.is_alive():
                 raise TimeoutError(f"card thread on port {self.port} did not stop")
             self._thread = None
+
+
+def card_main(
+    module: str,
+    description: str | None,
+    build: Callable[[argparse.Namespace], CardLogic],
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """``python -m MODULE --port P [--host H] [--connect-timeout S] ...``: parse the
+    command line, ``build`` the card's logic from it, serve it on vpcd."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--port", type=int, required=True, help="vpcd slot port")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--connect-timeout", type=float, default=10.0)
+    if add_arguments is not None:
+        add_arguments(p)
+    args = p.parse_args(argv)
+    client = VpcdClient(args.port, build(args), host=args.host,
+                        connect_timeout=args.connect_timeout)  # fmt: skip
+    return serve_forever(client, module)
 
 
 def serve_forever(client: VpcdClient, name: str) -> int:
