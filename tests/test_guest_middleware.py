@@ -22,12 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 from ccidbridge.protocol.atr import announce_t0
 from lab.bridgeproc import BridgeProcess, device_args, write_config
 from lab.cards import openpgp, piv, strict_t1
-from lab.cards.gnupg import GnupgHome
+from lab.cards.gnupg import GnupgHome, verify_detached
 from lab.cards.keys import ensure_keys
 from lab.cards.slot import CardInSlot
 from lab.guest import GuestImage
 from lab.guest.middleware import CommandResult, MiddlewareRun, run_commands, run_on_host
-from lab.pcsc import PcscStack
 
 pytestmark = [pytest.mark.guest, pytest.mark.stack]
 
@@ -81,28 +80,6 @@ def middleware(tmp_path: Path, middleware_image: GuestImage):
         m.close()
 
 
-@pytest.fixture
-def lab_card(_pcsc_alive: PcscStack):
-    """Factory: one of lab/cards' cards in a free slot; removed at teardown."""
-    made: list[CardInSlot] = []
-
-    def make(spec) -> CardInSlot:
-        card = CardInSlot(_pcsc_alive, spec)
-        made.append(card)
-        return card.insert()
-
-    yield make
-    for card in reversed(made):
-        card.close()
-
-
-@pytest.fixture(scope="session")
-def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("keys")
-    ensure_keys(d)
-    return d
-
-
 def fresh(card: CardInSlot) -> None:
     """The same card, reset to its first state (PIN counters, signature counter)."""
     card.remove()
@@ -135,6 +112,11 @@ def normalise(text: str, readers: tuple[str, ...], atrs: dict[bytes, str],
     return "".join(line.rstrip() + "\n" for line in text.splitlines())
 
 
+def masked(text: str) -> str:
+    """``text`` without the PINs the commands carry (never in test output)."""
+    return re.sub(r"--pin \S+", "--pin ***", text)
+
+
 def assert_same(host: list[CommandResult], m: Middleware, run: MiddlewareRun,
                 atrs: dict[bytes, str], only: range | None = None) -> None:
     """Every command: the same exit status and the same output, normalised."""
@@ -146,9 +128,10 @@ def assert_same(host: list[CommandResult], m: Middleware, run: MiddlewareRun,
     for i, (h, g) in enumerate(pairs):
         if only is not None and i not in only:
             continue
-        assert g.rc == h.rc, f"{h.command}: rc host {h.rc}, guest {g.rc}\n{h.output}\n{g.output}"
+        assert g.rc == h.rc, masked(f"{h.command}: rc host {h.rc}, guest {g.rc}\n{h.output}\n"
+                                    f"{g.output}")
         assert normalise(g.output, readers, atrs, homes) == normalise(h.output, readers, atrs,
-                                                                     homes), h.command
+                                                                     homes), masked(h.command)
 
 
 PKCS11 = "/usr/lib/x86_64-linux-gnu/opensc-pkcs11.so"
@@ -205,35 +188,29 @@ def armored(text: str, kind: str) -> str:
     return match.group(0) + "\n"
 
 
-def verify_gpg_signature(tmp: Path, run_output: list[CommandResult], fingerprint: str) -> None:
-    """The guest's detached signature verifies with the guest-exported key, whose
-    fingerprint is the card's own (computed from the card's key file)."""
-    sig = armored(run_output[-2].output, "SIGNATURE")
-    pub = armored(run_output[-1].output, "PUBLIC KEY BLOCK")
-    data = tmp / "data"
-    data.write_text(SIGNED + "\n")
-    (tmp / "data.asc").write_text(sig)
-    (tmp / "card.asc").write_text(pub)
-    with GnupgHome() as home:
-        home.gpg("--import", str(tmp / "card.asc"), check=True)
-        r = home.gpg("--status-fd", "1", "--verify", str(tmp / "data.asc"), str(data))
-        assert r.returncode == 0, r.stderr
-        assert f"[GNUPG:] VALIDSIG {fingerprint}" in r.stdout
-        data.write_text("tampered\n")
-        assert home.gpg("--verify", str(tmp / "data.asc"), str(data)).returncode != 0
+def verify_gpg_signature(tmp: Path, results: list[CommandResult], fingerprint: str) -> None:
+    """The detached signature verifies in a home that holds only the exported key,
+    whose fingerprint is the card's own (computed from the card's key file)."""
+    tmp.mkdir()
+    (tmp / "data").write_text(SIGNED + "\n")
+    (tmp / "data.asc").write_text(armored(results[-2].output, "SIGNATURE"))
+    key = armored(results[-1].output, "PUBLIC KEY BLOCK").encode()
+    assert verify_detached(key, tmp / "data.asc", tmp / "data") == fingerprint
+    (tmp / "data").write_text("tampered\n")
+    assert verify_detached(key, tmp / "data.asc", tmp / "data") is None
 
 
 def test_openpgp_card_gnupg_and_opensc_in_the_guest_match_the_host(
-    lab_card, middleware, keys_dir: Path, tmp_path: Path
+    own_card, middleware, card_keys: Path, tmp_path: Path
 ) -> None:
-    card = lab_card(openpgp.spec(keys_dir))
+    card = own_card(openpgp.spec(card_keys))
     m = middleware(card.reader)
     commands = CARD_NAME + OPENPGP_COMPARED + GPG_SIGN
     host = m.on_host(commands)
     status = host[len(OPENPGP_COMPARED)]
     assert status.rc == 0, status.output
     assert "Application ID ...: D2760001240103040006123456780000" in status.output
-    fingerprint = openpgp.v4_fingerprint(ensure_keys(keys_dir).openpgp["sig"].public_key())
+    fingerprint = openpgp.v4_fingerprint(ensure_keys(card_keys).openpgp["sig"].public_key())
     fresh(card)
     run = m.in_guest(commands)
     guest = run.results
@@ -247,9 +224,7 @@ def test_openpgp_card_gnupg_and_opensc_in_the_guest_match_the_host(
     assert f"Signature key ....: {' '.join(groups[:5])}  {' '.join(groups[5:])}" in card_status
     assert host[0].output.endswith("\nYubikey 5 (OpenPGP v3.4) (0006 12345678)\n")
     assert guest[0].output.endswith("\nOpenPGP card v3.4 (0006 12345678)\n")
-    (tmp_path / "guest").mkdir()
     verify_gpg_signature(tmp_path / "guest", guest, fingerprint.hex().upper())
-    (tmp_path / "host").mkdir()
     verify_gpg_signature(tmp_path / "host", host, fingerprint.hex().upper())
 
 
@@ -263,32 +238,32 @@ PIV_SIGN = (f"d=$(mktemp -d); echo '{PIV_SIGNED}' > $d/data; pkcs11-tool --modul
             " -o $d/sig && od -An -tx1 -v $d/sig")
 
 
-def verify_piv_signature(result: CommandResult, keys_dir: Path) -> None:
-    assert result.rc == 0, result.output
+def verify_piv_signature(result: CommandResult, card_keys: Path) -> None:
+    assert result.rc == 0, masked(result.output)
     raw = bytes.fromhex("".join(re.findall(r"^(?: [0-9a-f]{2})+$", result.output, re.M)
                                ).replace(" ", ""))
-    assert len(raw) == 64, result.output
+    assert len(raw) == 64, masked(result.output)
     der = utils.encode_dss_signature(int.from_bytes(raw[:32], "big"),
                                      int.from_bytes(raw[32:], "big"))
-    pub = ensure_keys(keys_dir).piv_9a_cert.public_key()
+    pub = ensure_keys(card_keys).piv_9a_cert.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey)
     pub.verify(der, (PIV_SIGNED + "\n").encode(), ec.ECDSA(hashes.SHA256()))
 
 
 def test_piv_card_opensc_and_pkcs11_in_the_guest_match_the_host(
-    lab_card, middleware, keys_dir: Path
+    own_card, middleware, card_keys: Path
 ) -> None:
-    card = lab_card(piv.spec(keys_dir))
+    card = own_card(piv.spec(card_keys))
     m = middleware(card.reader)
     commands = [*PIV_COMPARED, PIV_SIGN]
     host = m.on_host(commands)
     assert "Personal Identity Verification Card" in host[0].output
-    verify_piv_signature(host[-1], keys_dir)
+    verify_piv_signature(host[-1], card_keys)
     fresh(card)
     run = m.in_guest(commands)
     assert_same(host, m, run, {piv.ATR: "<atr>", announce_t0(piv.ATR): "<atr>"},
                 only=range(len(PIV_COMPARED)))
-    verify_piv_signature(run.results[-1], keys_dir)
+    verify_piv_signature(run.results[-1], card_keys)
 
 
 # -- the strict T=1 card ------------------------------------------------------------------
@@ -297,9 +272,9 @@ SELECT_T1 = "00A4040007" + strict_t1.AID.hex().upper()
 
 
 def test_strict_t1_case4_data_reaches_the_guest_as_61xx_and_get_response(
-    lab_card, middleware
+    own_card, middleware
 ) -> None:
-    card = lab_card(strict_t1.spec())
+    card = own_card(strict_t1.spec())
     m = middleware(card.reader)
     # OpenSC on the host sends Le (T=1); in the guest its T=0 stack drops it.
     compared = [f"opensc-tool -s {SELECT_T1}00", "opensc-tool -s 0088000004DEADBEEF00"]
@@ -319,20 +294,20 @@ def test_strict_t1_case4_data_reaches_the_guest_as_61xx_and_get_response(
                      (f"00C00000{n:02X}", strict_t1.fci().hex().upper() + "9000")], run.results[-1]
 
 
-def test_openpgp_card_pkcs11_decrypt_in_the_guest(lab_card, middleware, keys_dir: Path) -> None:
+def test_openpgp_card_pkcs11_decrypt_in_the_guest(own_card, middleware, card_keys: Path) -> None:
     """PSO:DECIPHER carries 257 bytes, more than a short APDU: OpenSC in the guest
     must chain it in short links, which needs the extended-length bit cleared in
     the ATR and 5F52 (P1) and 7F66 capped (P2) (protocol/VSCARD.md#P1, #P2)."""
-    card = lab_card(openpgp.spec(keys_dir))
+    card = own_card(openpgp.spec(card_keys))
     m = middleware(card.reader)
     secret = b"a session key, say"
-    cipher = ensure_keys(keys_dir).openpgp["dec"].public_key().encrypt(secret, padding.PKCS1v15())
+    cipher = ensure_keys(card_keys).openpgp["dec"].public_key().encrypt(secret, padding.PKCS1v15())
     decrypt = (f"d=$(mktemp -d); echo {cipher.hex()} | xxd -r -p > $d/c; pkcs11-tool --module"
                f" {PKCS11} --token-label 'OpenPGP card (User PIN)' --login --pin"
                f" {openpgp.PW1.decode()} --decrypt --id 02 -m RSA-PKCS -i $d/c -o $d/p"
                " && echo plain=$(xxd -p $d/p)")
     host = m.on_host([decrypt])
-    assert f"plain={secret.hex()}" in host[0].output, host[0].output
+    assert f"plain={secret.hex()}" in host[0].output, masked(host[0].output)
     fresh(card)
     (guest,) = m.in_guest([decrypt]).results
-    assert f"plain={secret.hex()}" in guest.output, guest.output
+    assert f"plain={secret.hex()}" in guest.output, masked(guest.output)
