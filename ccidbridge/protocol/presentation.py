@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from ccidbridge.protocol import events
 from ccidbridge.protocol.atr import AtrError, clear_ext_length
 from ccidbridge.protocol.atr import parse as parse_atr
+from ccidbridge.protocol.tlv import TlvError, read_tlv
 
 EXT_LENGTH = "ext-length"
 MAX_LENGTH = "max-length"
@@ -80,49 +81,14 @@ class Answer:
 # -- the pieces each rule reads ---------------------------------------------
 
 
-def _ber_tlv(data: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, start of value, end of value) of the BER-TLV at ``pos``."""
-    if pos >= len(data):
-        raise Garbage("TLV ends before its tag")
-    tag = data[pos]
-    pos += 1
-    if tag & 0x1F == 0x1F:
-        while True:
-            if pos >= len(data):
-                raise Garbage("TLV ends inside its tag")
-            tag = tag << 8 | data[pos]
-            pos += 1
-            if not data[pos - 1] & 0x80:
-                break
-            if tag > 0xFFFFFF:
-                raise Garbage("tag longer than 3 bytes")
-    if pos >= len(data):
-        raise Garbage("TLV ends before its length")
-    first = data[pos]
-    pos += 1
-    if first < 0x80:
-        length = first
-    elif first in (0x81, 0x82, 0x83):
-        n = first & 0x7F
-        if pos + n > len(data):
-            raise Garbage("TLV ends inside its length")
-        length = int.from_bytes(data[pos : pos + n], "big")
-        pos += n
-    else:
-        raise Garbage(f"length byte {first:02X} is not valid BER")
-    if pos + length > len(data):
-        raise Garbage(f"TLV {tag:X} says {length} bytes, {len(data) - pos} follow")
-    return tag, pos, pos + length
-
-
 def _cap_max_length(data: bytes) -> bytes:
     """The 006E template with 7F66's two lengths capped (P2), or unchanged."""
-    tag, start, end = _ber_tlv(data, 0)
+    tag, start, end = read_tlv(data, 0)
     if tag != 0x6E or end != len(data):
         raise Garbage("the answer is not one 6E template")
     pos = start
     while pos < end:
-        child, vstart, vend = _ber_tlv(data, pos)
+        child, vstart, vend = read_tlv(data, pos)
         if child == 0x7F66:
             value = data[vstart:vend]
             if len(value) != 8 or value[0:2] != b"\x02\x02" or value[4:6] != b"\x02\x02":
@@ -236,7 +202,7 @@ class Presentation:
         what = "GET DATA 5F52" if rule == EXT_LENGTH else "GET DATA 006E"
         try:
             changed = fix(body)
-        except (AtrError, Garbage) as exc:
+        except (AtrError, TlvError, Garbage) as exc:
             self._tell(rule, events.PresentationSkipped(rule, what, str(exc)))
             return Answer(data)
         if changed != body:
