@@ -350,3 +350,26 @@ def test_announce_t0_changes_only_td1_the_bit_and_tck(historical: bytes) -> None
     for i in range(len(atr)):
         if sent[i] != atr[i]:
             assert i in (5, len(atr) - 1) or (atr[i] ^ sent[i]) == 0x40
+
+
+def test_reader_keep_attribute_parses_and_refuses_unknown_rules(tmp_path) -> None:
+    from ccidbridge.config import load
+    from ccidbridge.config.errors import ConfigError
+
+    def config(keep: str):
+        path = tmp_path / "c.xml"
+        path.write_text(
+            "<ccidbridge>\n  <smartcard mode='passthrough' type='unix'>\n"
+            "    <source mode='bind' path='/tmp/x.sock'/>\n"
+            f"    <reader name='r' keep='{keep}'/>\n  </smartcard>\n</ccidbridge>\n"
+        )
+        return path
+
+    (device,) = load(str(config("ext-length le"))).devices.smartcards
+    assert device.reader.keep == frozenset({"ext-length", "le"})
+    try:
+        load(str(config("ext-length bogus")))
+    except ConfigError as exc:
+        assert ":4:" in str(exc) and "bogus" in str(exc) and "max-length" in str(exc)
+    else:
+        raise AssertionError("accepted an unknown rule")
