@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.process import reap
+from lab.stacks import HOST, Stack
 
 QEMU = "qemu-system-x86_64"
 
@@ -160,6 +161,8 @@ class Qemu:
     ``start()`` execs QEMU with ``args`` plus ``-qmp``, connects to QMP and
     does the ``qmp_capabilities`` handshake.  stdout/stderr go to
     ``stdout_path``/``stderr_path`` in ``workdir``.  ``kill()`` stops it by pid.
+    ``stack`` picks whose QEMU runs (lab.stacks: this machine's, or chrooted in a
+    Debian 13 / sid root); the workdir must then be under /tmp (bound into the root).
     """
 
     def __init__(
@@ -170,8 +173,10 @@ class Qemu:
         env: dict[str, str] | None = None,
         binary: str = QEMU,
         start_timeout: float = 10.0,
+        stack: Stack = HOST,
     ) -> None:
         self.args = list(args)
+        self.stack = stack
         self._own_tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
             self._own_tmp = tempfile.TemporaryDirectory(prefix="ccidbridge-qemu-")
@@ -199,11 +204,13 @@ class Qemu:
 
     @property
     def argv(self) -> list[str]:
-        return [self.binary, *self.args, "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        return self.stack.command(
+            [self.binary, *self.args, "-qmp", f"unix:{self.qmp_path},server=on,wait=off"])
 
     def start(self) -> Qemu:
-        if shutil.which(self.binary) is None:
+        if self.stack.is_host and shutil.which(self.binary) is None:
             raise QemuError(f"{self.binary} not found")
+        self.stack.enter()
         env = dict(os.environ)
         if self.env:
             env.update(self.env)
@@ -358,8 +365,9 @@ class QemuPassthru(Qemu):
         debug: bool = False,
         workdir: Path | str | None = None,
         extra_args: list[str] | None = None,
+        stack: Stack = HOST,
     ) -> None:
-        super().__init__([], workdir=workdir)
+        super().__init__([], workdir=workdir, stack=stack)
         if endpoints is None:
             if transport == "tcp":
                 endpoints = [TcpEndpoint(free_tcp_port()) for _ in range(n_cards)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
+from ccidbridge.commands.versions import COVERED, add_version_options, target_of
 from ccidbridge.config.model import ReaderSpec
 from ccidbridge.config.serving import notes
 
@@ -12,10 +13,12 @@ from ccidbridge.config.serving import notes
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "check", help="validate a config and show what `run` would serve",
-        description="Validate CONFIG (schema + libvirt 9.0's rules) and list which cards "
-        "`ccidbridge run` would serve, and which it would not, with the reason.",
+        description="Validate CONFIG (schema + libvirt's rules) and list which cards "
+        "`ccidbridge run` would serve, and which it would not, with the reason.  "
+        f"Covers {COVERED}.",
     )
     parser.add_argument("config", metavar="CONFIG")
+    add_version_options(parser, "for the notes about the generated output")
     parser.set_defaults(func=run)
 
 
@@ -40,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return EXIT_CONFIG
+    target = target_of(args)
+    if target is None:
+        return EXIT_CONFIG
     served = config.served_cards()
     unserved = config.unserved()
     print(f"{config.path}: valid")
@@ -52,4 +58,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {label}: {reason}")
     for note in notes(config):
         print(f"note: {note}")
+    print(f"output is for {target}" + (" (usb-ccid offers T=1: generated with "
+          "x-t1-support=off, so the guest stays on T=0)" if target.usb_ccid_t1 else ""))
     return 0

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from ccidbridge.config.layout import Layout, PlacedCard, PlacedChannel, PlacedController
 from ccidbridge.config.model import Chardev, CharSource
-from ccidbridge.config.qemu_argv import QemuVersion, extra_card_args
+from ccidbridge.config.qemu_argv import extra_card_args
+from ccidbridge.config.versions import Versions
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 INDENT = "    "  # where libvirt prints a device inside <devices>
@@ -153,7 +154,7 @@ def device_lines(lay: Layout, portable: bool = False) -> list[str]:
     return lines
 
 
-def commandline_lines(lay: Layout, version: QemuVersion) -> list[str]:
+def commandline_lines(lay: Layout, version: Versions) -> list[str]:
     """``<qemu:commandline>`` for the extra cards, or nothing."""
     if not lay.extra_cards:
         return []
@@ -165,7 +166,7 @@ def commandline_lines(lay: Layout, version: QemuVersion) -> list[str]:
     ]
 
 
-def render(lay: Layout, version: QemuVersion, portable: bool = False) -> str:
+def render(lay: Layout, version: Versions, portable: bool = False) -> str:
     """What ``ccidbridge libvirt [--portable]`` prints."""
     devices = [INDENT + line for line in device_lines(lay, portable)]
     extra = commandline_lines(lay, version)
