@@ -143,7 +143,11 @@ def make_private(root: Path, cache_dir: Path | None, stack: Stack = HOST) -> Pri
                     mounts.overlay_parent(target)
                 os.makedirs(target, exist_ok=True)
             mounts.bind(private, target)
-        stack.path("/etc/libvirt/qemu.conf").write_text(QEMU_CONF, encoding="utf-8")
+        # Chrooted, "/" is no mount point, so the per-domain mount namespace libvirt
+        # gives QEMU fails ("Failed disable mount propagation out of the root
+        # filesystem: Invalid argument", docs/lab.md#V21): the roots' libvirtd goes without.
+        conf = QEMU_CONF if stack.is_host else QEMU_CONF + "namespaces = []\n"
+        stack.path("/etc/libvirt/qemu.conf").write_text(conf, encoding="utf-8")
         passwd = root / "passwd"
         group = root / "group"
         passwd.write_text(

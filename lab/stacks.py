@@ -11,8 +11,9 @@ setup``, *before* the network-less namespace), rebuilt when missing or when
 (a lock file).  The machine's own packages are never touched.
 
 Their programs run chrooted *inside* ``.ci/isolated``'s private mount
-namespace (:meth:`Stack.enter`): the namespace's /proc, /dev and /tmp and the
-repository are bound into the root, /run gets a fresh tmpfs, and
+namespace (:meth:`Stack.enter`): the namespace's /proc, /dev, /sys and /tmp and
+the repository are bound into the root (libvirtd's QEMU dies at start without
+/sys), /run gets a fresh tmpfs, and
 /var/lib/libvirt a private one, so sockets under /tmp are shared between the
 host's bridge and the root's QEMU while nothing the root's daemons write
 outlives the namespace.  A process started through :meth:`Stack.command`
@@ -140,7 +141,7 @@ class Stack:
         return None
 
     def enter(self) -> None:
-        """Bind the namespace's /proc, /dev, /tmp and the repository into the root and give
+        """Bind the namespace's /proc, /dev, /sys, /tmp and the repository into the root; give
         it a fresh /run and /var/lib/libvirt.  Idempotent; only inside ``.ci/isolated``.
         """
         if self.is_host or self.name in _ENTERED:
@@ -153,7 +154,7 @@ class Stack:
             raise StackError(problem)
         # The repository first and not recursively: it holds the root itself.
         for flag, source in (("--bind", str(ROOT)), ("--rbind", "/proc"), ("--rbind", "/dev"),
-                             ("--rbind", "/tmp")):
+                             ("--rbind", "/sys"), ("--rbind", "/tmp")):
             target = self.path(source)
             target.mkdir(parents=True, exist_ok=True)
             _mount(flag, source, str(target))
