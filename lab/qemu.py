@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccidbridge.config.versions import QemuVersion
 from lab.process import reap
 from lab.stacks import HOST, Stack
 
@@ -132,6 +133,7 @@ def passthru_args(
     *,
     server: bool = True,
     memory_mb: int = 64,
+    reconnect_ms: bool = False,
 ) -> list[str]:
     """Argv (without the binary) for QEMU alone with one passthru card per endpoint.
 
@@ -146,7 +148,8 @@ def passthru_args(
     args = ["-machine", "pc", "-accel", "tcg", "-nodefaults", "-display", "none",
             "-serial", "none", "-m", str(memory_mb), "-usb"]  # fmt: skip
     for i, ep in enumerate(endpoints):
-        mode = "server=on,wait=off" if server else "server=off,reconnect=1"
+        client = "server=off,reconnect-ms=1000" if reconnect_ms else "server=off,reconnect=1"
+        mode = "server=on,wait=off" if server else client
         args += [
             "-chardev", f"socket,id=cc{i},{ep.chardev_opts()},{mode}",
             "-device", f"usb-ccid,id=ccid{i}",
@@ -379,7 +382,9 @@ class QemuPassthru(Qemu):
                 raise ValueError(f"transport must be tcp or unix, not {transport!r}")
         self.endpoints: list[Endpoint] = endpoints
         self.server = server
-        self.args = passthru_args(endpoints, server=server) + list(extra_args or [])
+        reconnect_ms = QemuVersion.parse(stack.qemu).has_reconnect_ms
+        self.args = passthru_args(endpoints, server=server, reconnect_ms=reconnect_ms) + list(
+            extra_args or [])
         if debug:
             self.env = {"QEMU_CCID_PASSTHRU_DEBUG": "4", "QEMU_CCID_DEBUG": "4"}
 
