@@ -21,7 +21,7 @@ from lxml import etree
 
 from ccidbridge.config import loads
 from ccidbridge.config.layout import Layout, layout
-from ccidbridge.config.libvirt_xml import commandline_lines, device_lines
+from ccidbridge.config.libvirt_xml import device_lines, domain_lines
 from ccidbridge.config.qemu_argv import argv
 from ccidbridge.config.versions import LibvirtVersion, QemuVersion, Target, Versions
 from lab.libvirtd import Libvirtd, LibvirtdError, isolation_problem
@@ -203,7 +203,7 @@ def output_domain(lay: Layout, version: Versions, extra_devices: str = "",
                   outside: str = "", portable: bool = False) -> str:
     """A domain holding ccidbridge's libvirt output (and what else the case needs)."""
     devices = "\n".join("    " + ln for ln in device_lines(lay, portable)) + "\n" + extra_devices
-    commandline = "\n".join(commandline_lines(lay, version))
+    commandline = "\n".join(domain_lines(lay, version))
     return wrap(devices, commandline + "\n" + outside)
 
 

@@ -23,7 +23,7 @@ from ccidbridge.config import loads
 from ccidbridge.config.qemu_argv import extra_card_args
 from ccidbridge.config.serving import notes
 from ccidbridge.config.versions import QemuVersion, Target
-from lab.examples_regen import configs
+from lab.examples_regen import EXAMPLES, configs
 from tests.fixtures_libvirt import (
     commandline_args,
     config_devices,
@@ -259,3 +259,22 @@ def test_portable_output_fits_a_busy_domain(libvirtd, example: Path) -> None:
     refused = libvirtd.domxml_to_native(output_domain(lay, version, extra)).stderr
     assert ("Duplicate USB address bus 0 port 1" in refused
             or "Multiple 'virtio-serial' controllers with index '0'" in refused)
+
+
+@pytest.mark.parametrize("example", ["tcp-bind", "two-cards"])
+def test_t1_override_reaches_libvirts_argv(libvirtd, example: str) -> None:
+    """For a QEMU whose usb-ccid offers T=1, ccidbridge's <qemu:override> (pasted into the
+    domain) is accepted, survives dumpxml, and libvirt's argv equals ccidbridge's with
+    x-t1-support=false on every usb-ccid (docs/libvirt.md#L33).  Not started: no QEMU
+    release has the property."""
+    own = version_for(libvirtd)
+    version = Target(own.qemu, own.libvirt, usb_ccid_t1=True)
+    text = (EXAMPLES / f"{example}.xml").read_text(encoding="utf-8")
+    lay, lines, args = ours(text, version)
+    pasted = output_domain(lay, version)
+    dumped = _check(libvirtd.define_dumpxml(pasted, "ccidbridge-oracle"), "output")
+    assert device_block_lines(dumped) == lines
+    assert "<qemu:property name='x-t1-support' type='bool' value='false'/>" in dumped
+    native = native_args(_check(libvirtd.domxml_to_native(pasted), "output"))
+    assert native == args
+    assert sum('"x-t1-support":false' in a for a in native) == len(lay.controllers)

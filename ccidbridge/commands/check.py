@@ -58,6 +58,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {label}: {reason}")
     for note in notes(config):
         print(f"note: {note}")
+    if target.reconnect_broken and any(
+            src.reconnect is not None for card in config.devices.smartcards
+            if card.chardev is not None for src in card.chardev.sources):
+        print(f"note: libvirt {target.libvirt} writes reconnect=<s>, which QEMU "
+              f"{target.qemu} no longer accepts: the domain will not start with <reconnect> "
+              "(use libvirt >= 10.9, or drop <reconnect>)")
     print(f"output is for {target}" + (" (usb-ccid offers T=1: generated with "
           "x-t1-support=off, so the guest stays on T=0)" if target.usb_ccid_t1 else ""))
     return 0

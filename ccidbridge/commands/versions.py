@@ -51,7 +51,7 @@ def add_version_options(parser: argparse.ArgumentParser, what: str) -> None:
     )
     parser.add_argument(
         "--libvirt-version", metavar="X.Y", type=_libvirt, default=None,
-        help="libvirt version to write for: libvirt before 10.8 prints reconnect=<s> even "
+        help="libvirt version to write for: libvirt before 10.9 prints reconnect=<s> even "
         f"for QEMU >= 9.2 (default: the installed libvirtd's, else {NEWEST_LIBVIRT}; known: "
         f"{OLDEST_LIBVIRT} to {NEWEST_LIBVIRT})",
     )

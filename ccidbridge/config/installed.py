@@ -43,18 +43,29 @@ def libvirt_version(binary: str = "libvirtd") -> LibvirtVersion:
         return NEWEST_LIBVIRT
 
 
-def usb_ccid_offers_t1(binary: str = "qemu-system-x86_64") -> bool:
-    """Does the installed QEMU's usb-ccid have the ``x-t1-support`` property?
+def device_properties(help_text: str) -> set[str]:
+    """The property names in ``-device DRIVER,help`` output (``  name=<type> ...`` lines)."""
+    return {line.split("=", 1)[0].strip() for line in help_text.splitlines()
+            if line.startswith("  ") and "=" in line}
 
-    Asked with ``-device usb-ccid,help`` (docs/libvirt.md#L33): QEMU's development
-    tree adds it, no release up to 11.1 has it, so a version number cannot tell.
-    """
+
+def usb_ccid_properties(binary: str = "qemu-system-x86_64") -> set[str]:
+    """The installed QEMU's usb-ccid properties, from ``-device usb-ccid,help``."""
     path = shutil.which(binary)
     if path is None:
-        return False
+        return set()
     try:
         out = subprocess.run([path, "-machine", "none", "-device", "usb-ccid,help"],
                              capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
-        return False
-    return T1_PROPERTY in out.stdout
+        return set()
+    return device_properties(out.stdout)
+
+
+def usb_ccid_offers_t1(binary: str = "qemu-system-x86_64") -> bool:
+    """Does the installed QEMU's usb-ccid have the ``x-t1-support`` property?
+
+    Probed (docs/libvirt.md#L33): QEMU's development tree adds it, no release up
+    to 11.1 has it, so a version number cannot tell.
+    """
+    return T1_PROPERTY in usb_ccid_properties(binary)

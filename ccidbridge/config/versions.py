@@ -60,6 +60,12 @@ class QemuVersion:
         return self >= QemuVersion(9, 2)
 
     @property
+    def refuses_reconnect(self) -> bool:
+        """QEMU removed the deprecated ``reconnect`` in 10.2: 11.1 refuses it ("Invalid
+        parameter 'reconnect'", docs/libvirt.md#L31)."""
+        return self >= QemuVersion(10, 2)
+
+    @property
     def reconnect_ms(self) -> bool:
         """Whether the newest libvirt prints ``reconnect-ms`` for this QEMU."""
         return Target(self, NEWEST_LIBVIRT).reconnect_ms
@@ -97,8 +103,9 @@ SORTED_CCID_LIBVIRT = LibvirtVersion(11, 3)
 #: The usb-ccid property that lets a guest negotiate T=1 (docs/libvirt.md#L33).
 T1_PROPERTY = "x-t1-support"
 #: The first libvirt release that knows QEMU's ``reconnect-ms`` (capability
-#: chardev-reconnect-miliseconds, docs/libvirt.md#L31).
-RECONNECT_MS_LIBVIRT = LibvirtVersion(10, 8)
+#: chardev-reconnect-miliseconds, docs/libvirt.md#L31): 10.9 or 10.10 by where the
+#: capability sits in libvirt's list; we take 10.9 (9.0 and 11.3 are what the oracle runs).
+RECONNECT_MS_LIBVIRT = LibvirtVersion(10, 9)
 
 
 def known_qemu(version: QemuVersion) -> QemuVersion:
@@ -143,6 +150,12 @@ class Target:
     def reconnect_ms(self) -> bool:
         """``reconnect-ms=<ms>`` rather than ``reconnect=<s>`` (docs/libvirt.md#L31)."""
         return self.qemu.has_reconnect_ms and self.libvirt >= RECONNECT_MS_LIBVIRT
+
+    @property
+    def reconnect_broken(self) -> bool:
+        """This libvirt prints ``reconnect=<s>`` and this QEMU refuses it: a domain with
+        ``<reconnect>`` does not start (docs/libvirt.md#L31)."""
+        return not self.reconnect_ms and self.qemu.refuses_reconnect
 
 
 #: What the renderers take: a Target, or a QemuVersion (meaning: with the newest libvirt).
