@@ -1,5 +1,5 @@
-"""The real libvirt (9.0, 11.3 and 12.8) rejects every config of test_config_errors.py's ERRORS table
-with the message the table (and ccidbridge's own message) quotes."""
+"""The real libvirt (9.0, 11.3 and 12.8) rejects every config of test_config_errors.py's
+ERRORS table with the message the table (and ccidbridge's own message) quotes."""
 
 from __future__ import annotations
 
