@@ -23,8 +23,9 @@ roots: venv
 # The test guest (Debian kernel + initramfs) is built into .cache/guest before
 # entering the namespace: the kernel download needs the network, which
 # .ci/isolated does not have.  Cached; rebuilt only when its inputs change.
-guest: venv
+guest: venv roots
 	$(PY) -m lab.guest
+	$(PY) -m lab.guest.stackguest
 
 # Install the Debian packages that are missing (and only those).
 deps:
