@@ -14,7 +14,7 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +32,14 @@ pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture
-def stack_qemu(qemu_stack: Stack, tmp_path: Path) -> Iterator[Callable[..., QemuPassthru]]:
-    """Factory: QEMU alone with ccid-card-passthru from ``qemu_stack``; killed at teardown."""
-    if os.environ.get("CCIDBRIDGE_ISOLATED") != "1":
-        pytest.fail("QEMU tests run inside .ci/isolated", pytrace=False)
-    made: list[QemuPassthru] = []
+def stack_qemu(qemu_passthru, qemu_stack: Stack) -> Callable[..., QemuPassthru]:  # noqa: ANN001
+    """``qemu_passthru`` (tests/fixtures_stack.py) with ``qemu_stack``'s QEMU, debug on."""
 
     def make(transport: str = "tcp", **kwargs: Any) -> QemuPassthru:
-        kwargs.setdefault("workdir", tmp_path / f"qemu{len(made)}")
         kwargs.setdefault("debug", True)
-        q = QemuPassthru(transport, stack=qemu_stack, **kwargs)
-        made.append(q)
-        return q.start()
+        return qemu_passthru(transport, stack=qemu_stack, **kwargs)
 
-    try:
-        yield make
-    finally:
-        for q in made:
-            q.close()
+    return make
 
 
 def wait_qemu_says(qemu: QemuPassthru, needle: str, count: int = 1, timeout: float = 10) -> None:
