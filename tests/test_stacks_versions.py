@@ -150,3 +150,22 @@ def test_the_probe_sees_the_property_when_qemu_lists_it() -> None:
     text = ("usb-ccid options:\n  attached=<bool>\n  debug=<uint8>          -  (default: 0)\n"
             "  x-t1-support=<bool>    -  (default: true)\n")
     assert installed.T1_PROPERTY in installed.device_properties(text)
+
+
+def test_the_probe_drives_the_default_output(tmp_path: Path, monkeypatch, capsys) -> None:
+    """With no --qemu-version the installed QEMU is probed: offering x-t1-support switches
+    it off in both outputs; a given --qemu-version is not the installed QEMU (no probe)."""
+    config = tmp_path / "vm.xml"
+    config.write_text(RECONNECT)
+    monkeypatch.setattr(installed, "qemu_version", lambda: QemuVersion(11, 1))
+    monkeypatch.setattr(installed, "libvirt_version", lambda: LibvirtVersion(12, 8))
+    monkeypatch.setattr(installed, "usb_ccid_offers_t1", lambda: True)
+    assert main(["qemu-argv", str(config)]) == 0
+    assert '"x-t1-support":false' in capsys.readouterr().out
+    assert main(["libvirt", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "<qemu:override" in out and "x-t1-support=off keeps the guest on T=0" in out
+    assert main(["check", str(config)]) == 0
+    assert "generated with x-t1-support=off" in capsys.readouterr().out
+    assert main(["qemu-argv", "--qemu-version", "11.1", str(config)]) == 0
+    assert "x-t1-support" not in capsys.readouterr().out
