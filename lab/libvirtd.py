@@ -132,7 +132,7 @@ def make_private(root: Path, cache_dir: Path | None, stack: Stack = HOST) -> Pri
     try:
         for inside in PRIVATE_DIRS:
             target = str(stack.path(inside))
-            if target == "/var/cache/libvirt" and cache_dir is not None:
+            if inside == "/var/cache/libvirt" and cache_dir is not None:
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 private = cache_dir
             else:
