@@ -46,6 +46,9 @@ R10 A removal must be visible to the guest: no ATR leaves within
     keeps using a card whose state was lost.  The session has no clock: when
     a removal leaves it emits HoldAtr(token, seconds), and the runtime
     answers ReleaseAtr(token) when the time is up.  (protocol/VSCARD.md#Q14)
+R11 A guest payload that is a T=1 block, not an APDU (a guest that negotiated
+    T=1 with a usb-ccid offering it), is refused with VSC_Error and never
+    reaches the card (t1.py).
 
 What the card says about itself is adapted to QEMU's T=0 short-APDU reader
 by the presentation rules P1..P3 (presentation.py), applied at two points:
@@ -59,7 +62,7 @@ from collections import deque
 from collections.abc import Iterator
 from enum import Enum
 
-from ccidbridge.protocol import chaining, events
+from ccidbridge.protocol import chaining, events, t1
 from ccidbridge.protocol.atr import AtrError, announce_t0
 from ccidbridge.protocol.atr import parse as parse_atr
 from ccidbridge.protocol.decoder import FrameDecoder
@@ -400,6 +403,10 @@ class BridgeSession:
                 else:
                     self._emit_apdu_answer(part)
                 return
+        if (why := t1.refusal(apdu)) is not None:  # R11
+            self._events.append(events.ApduRefused(apdu, why))
+            self._out += _APDU_ERROR
+            return
         if self._qemu_atr is None or self.state is State.CLOSING:
             self._events.append(events.ApduRefused(apdu, "no card is announced to QEMU"))
             self._out += _APDU_ERROR
