@@ -17,6 +17,10 @@ COMMANDS = (
     "ccidbridge.commands.check",
     "ccidbridge.commands.libvirt",
     "ccidbridge.commands.qemu_argv",
+    "ccidbridge.commands.attach",
+    "ccidbridge.commands.detach",
+    "ccidbridge.commands.doctor",
+    "ccidbridge.commands.hook",
 )
 
 
