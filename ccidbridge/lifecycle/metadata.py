@@ -9,7 +9,7 @@ in ``<metadata>`` as long as they carry their own namespace (formatdomain
 
 from __future__ import annotations
 
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import escape
 
 from lxml import etree
 
@@ -20,7 +20,8 @@ ELEMENT = "bridge"
 
 def render(config_path: str) -> str:
     """The element for the domain's ``<metadata>``."""
-    return f"<{PREFIX}:{ELEMENT} xmlns:{PREFIX}='{NS}' config={quoteattr(config_path)}/>"
+    value = escape(config_path, {"'": "&apos;", '"': "&quot;"})
+    return f"<{PREFIX}:{ELEMENT} xmlns:{PREFIX}='{NS}' config='{value}'/>"
 
 
 def config_of(domain_xml: bytes) -> str | None:
