@@ -50,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", default="/etc/systemd/system", type=Path,
                    help="unit directory (default /etc/systemd/system)")
     p.add_argument("--user", help="run the bridge as this user (default root; see "
-                   "docs/lifecycle.md for the pcsc-lite 2.x polkit rule it needs)")
+                   "docs/lifecycle.md#H7 for the pcsc-lite 2.x polkit rule it needs)")
     p.set_defaults(func=run_install_unit)
 
 

@@ -208,7 +208,8 @@ def remove(mon: Monitor, cards: set[plan.CardIds], timeout: float = REMOVE_TIMEO
         time.sleep(0.05)
     for cid in cards:
         # The card lets go of its chardev when QEMU finalizes it, a moment after
-        # it left the QOM tree: until then chardev-remove says "is busy".
+        # it left the QOM tree: until then chardev-remove says "is busy"
+        # (docs/lifecycle.md#H4).
         while cid in our_objects(mon).chardevs:
             try:
                 mon.execute("chardev-remove", {"id": cid.char})

@@ -1,5 +1,5 @@
 """libvirt's qemu hook: start the bridge when a domain with our metadata starts,
-stop it when the domain stops (docs/lifecycle.md#H2).
+stop it when the domain stops (how libvirt calls hooks: docs/lifecycle.md#H6).
 
 libvirt runs ``/etc/libvirt/hooks/qemu.d/*`` with ``DOMAIN OPERATION
 SUB-OPERATION EXTRA`` and the domain XML on stdin, and waits for the hook

@@ -10,7 +10,7 @@ Rules (each stated here once, enforced where tagged):
 * A1 Every id starts with ``ccidbridge-`` and carries the config's tag and the
   attaching process's pid (``ccidbridge-<tag>-<pid>-<n>-ccid|char|card``), so
   ``detach`` finds what an attach added from QEMU's state alone, even after the
-  attaching process was SIGKILLed (:func:`ids`, :func:`parse_id`).
+  attaching process was SIGKILLed (:func:`ids`, :func:`parse_id`; docs/lifecycle.md#H2).
 * A2 Objects are added reader, chardev, card, and removed in the reverse
   order; every step that succeeded has an undo, so a failure half-way leaves
   nothing behind (:func:`attach_steps`).

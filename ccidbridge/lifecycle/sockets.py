@@ -1,4 +1,4 @@
-"""Is a card's socket in use, and is our own bridge listening on it yet?
+"""Is a card's socket in use, and is our own bridge listening on it yet? (docs/lifecycle.md#H5)
 
 A TCP listener shows in /proc/net/tcp.  A Unix one does not show under its
 path when it is the bridge's: the bridge binds in a private directory and
