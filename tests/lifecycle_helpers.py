@@ -17,6 +17,7 @@ import pytest
 from lab import child_env
 from lab.libvirtd import URI, Libvirtd
 from lab.vm import Console, cycling_initrd, domain_xml
+from lab.vpcd_card import ATR_PRESETS
 
 
 class CliProcess:
@@ -83,6 +84,18 @@ def ours_in_qemu(libvirtd: Libvirtd, domain: str) -> list[str]:
 
 def info_usb(libvirtd: Libvirtd, domain: str) -> str:
     return str(qmp(libvirtd, domain, "human-monitor-command", **{"command-line": "info usb"}))
+
+
+def guest_reads_the_card(console: Console, cycle: int, expected: list[bytes]) -> None:
+    """The guest's reader arrives (``cycle``-th time), its client reads our "dual" card
+    and gets ``expected``, the host's own answers."""
+    console.wait_for(f"init usb-ready n={cycle}", 60)
+    start = len(console.records)
+    console.wait_for(f"init client-exit n={cycle}", 60)
+    run = console.run_since(start)
+    assert run.client_rc == 0, console.tail()
+    assert run.atr == ATR_PRESETS["dual"]
+    assert [x.response for x in run.apdus] == expected
 
 
 def attach_args(domain: str, config: Path) -> list[str]:

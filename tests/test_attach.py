@@ -18,8 +18,15 @@ from lab.bridgeproc import write_config
 from lab.libvirtd import URI
 from lab.pcsc import direct_transmit
 from lab.qemu import Qemu
-from lab.vpcd_card import ATR_PRESETS
-from tests.lifecycle_helpers import CliProcess, attach_args, cli, guest_vm, info_usb, ours_in_qemu
+from tests.lifecycle_helpers import (
+    CliProcess,
+    attach_args,
+    cli,
+    guest_reads_the_card,
+    guest_vm,
+    info_usb,
+    ours_in_qemu,
+)
 from tests.test_guest import APDUS
 
 __all__ = ["guest_vm"]  # the fixture, used by name
@@ -58,13 +65,7 @@ def test_attach_plugs_the_reader_sigterm_unplugs_it_attach_again_works(
 
     first = CliProcess(attach_args(name, config), tmp_path / "attach1.log")
     try:
-        console.wait_for("init usb-ready n=1", 60)
-        start = len(console.records)
-        console.wait_for("init client-exit n=1", 60)
-        run = console.run_since(start)
-        assert run.client_rc == 0, console.tail()
-        assert run.atr == ATR_PRESETS["dual"]
-        assert [x.response for x in run.apdus] == expected
+        guest_reads_the_card(console, 1, expected)
         assert "QEMU USB CCID" in info_usb(libvirtd, name)
         assert len(ours_in_qemu(libvirtd, name)) == 3
         assert first.stop(signal.SIGTERM) == 0
@@ -80,12 +81,7 @@ def test_attach_plugs_the_reader_sigterm_unplugs_it_attach_again_works(
     card.restart()  # a fresh card, so the answers are the first run's again
     second = CliProcess(attach_args(name, config), tmp_path / "attach2.log")
     try:
-        console.wait_for("init usb-ready n=2", 60)
-        start = len(console.records)
-        console.wait_for("init client-exit n=2", 60)
-        run = console.run_since(start)
-        assert run.client_rc == 0, console.tail()
-        assert [x.response for x in run.apdus] == expected
+        guest_reads_the_card(console, 2, expected)
         # killed without a goodbye: the devices stay until `detach`
         second.stop(signal.SIGKILL)
     finally:

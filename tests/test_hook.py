@@ -19,8 +19,7 @@ from ccidbridge.lifecycle.hook import bridge_pid
 from lab.bridgeproc import write_config
 from lab.pcsc import direct_transmit
 from lab.vm import Console, cycling_initrd, domain_xml
-from lab.vpcd_card import ATR_PRESETS
-from tests.lifecycle_helpers import cli, guest_vm
+from tests.lifecycle_helpers import cli, guest_reads_the_card, guest_vm
 from tests.test_guest import APDUS
 
 __all__ = ["guest_vm"]  # the fixture, used by name
@@ -77,16 +76,6 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     assert not os.path.exists(f"/proc/{pid}"), f"bridge {pid} still runs"
 
 
-def _guest_reads_the_card(console: Console, expected: list[bytes]) -> None:
-    console.wait_for("init usb-ready n=1", 60)
-    start = len(console.records)
-    console.wait_for("init client-exit n=1", 60)
-    run = console.run_since(start)
-    assert run.client_rc == 0, console.tail()
-    assert run.atr == ATR_PRESETS["dual"]
-    assert [x.response for x in run.apdus] == expected
-
-
 @pytest.mark.parametrize("direction", ["bind", "connect"])
 def test_virsh_start_starts_the_bridge_destroy_stops_it_start_again_works(
     libvirtd, hooked, guest_image, test_card, tmp_path: Path, direction: str
@@ -112,7 +101,7 @@ def test_virsh_start_starts_the_bridge_destroy_stops_it_start_again_works(
             hook_log = (logs / "hook.log").read_text()
             assert f"{name}: started the bridge for {config} (pid {pid}); its log: " \
                 f"{logs / (name + '.log')}" in hook_log
-            _guest_reads_the_card(Console(console_path), expected)
+            guest_reads_the_card(Console(console_path), 1, expected)
             assert "QEMU synchronized" in (logs / f"{name}.log").read_text()
             assert libvirtd.destroy(name).returncode == 0
             _wait_gone(pid)

@@ -130,20 +130,27 @@ def run_hook(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install(target: Path, text: str, mode: int) -> bool:
+    """Write ``target`` whole (a temporary file renamed into place), or say why not."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.chmod(mode)
+        tmp.rename(target)
+    except OSError as exc:
+        print(f"ccidbridge: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def run_install_hook(args: argparse.Namespace) -> int:
     text = (_template("qemu-hook.in")
             .replace("@PYTHON@", shlex.quote(sys.executable))
             .replace("@STATE_DIR@", shlex.quote(str(args.state_dir)))
             .replace("@LOG_DIR@", shlex.quote(str(args.log_dir))))
     target = args.dir / "qemu.d" / "ccidbridge"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(".ccidbridge.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o755)
-        tmp.rename(target)
-    except OSError as exc:
-        print(f"ccidbridge: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+    if not _install(target, text, 0o755):
         return 1
     print(f"installed {target}; restart libvirtd so it sees the hook "
           "(`systemctl restart libvirtd`)")
@@ -155,11 +162,7 @@ def run_install_unit(args: argparse.Namespace) -> int:
     text = _template(f"{UNIT_NAME}.in").replace("@EXEC@", _self_command()) \
         .replace("@USER@\n", user)
     target = args.dir / UNIT_NAME
-    try:
-        args.dir.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        print(f"ccidbridge: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+    if not _install(target, text, 0o644):
         return 1
     print(f"installed {target}; now `systemctl daemon-reload` and, per config "
           "/etc/ccidbridge/NAME.xml, `systemctl enable --now ccidbridge@NAME`")
