@@ -172,7 +172,9 @@ hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
 hr, h, p = scard.SCardConnect(ctx, sys.argv[1], scard.SCARD_SHARE_EXCLUSIVE,
                               scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1)
 print(hex(hr & 0xFFFFFFFF), flush=True)
-time.sleep(60)
+sys.stdin.readline()  # until the test is done: then let go as a program does
+scard.SCardDisconnect(h, scard.SCARD_LEAVE_CARD)
+scard.SCardReleaseContext(ctx)
 """
 
 
@@ -182,13 +184,12 @@ def test_card_held_exclusively_by_another_program_fails_naming_it(
 ) -> None:
     card = test_card("dual")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, card.reader],
-                              stdout=subprocess.PIPE, text=True)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "0x0"
         out = cli("doctor", str(_config(tmp_path, card.reader)))
     finally:
-        holder.kill()
-        holder.wait()
+        holder.communicate("done\n", timeout=10)
     assert out.returncode == 1, out.stdout
     assert f"[FAIL] card {tmp_path}/vm.xml:2 smartcard0: the card in '{card.reader}' is " \
         "held exclusively by another program" in out.stdout

@@ -76,9 +76,10 @@ def run_hook(args: argparse.Namespace) -> int:
     from ccidbridge.lifecycle.sockets import now_listening, socket_file
 
     op, sub = args.operation, args.sub_operation
+    domain_xml = sys.stdin.buffer.read()  # always drained: libvirt writes it to every hook
     if lh.decide(op, sub, True) == lh.Action() and lh.decide(op, sub, False) == lh.Action():
-        return 0  # not ours to act on: do not even read the XML
-    config_path = config_of(sys.stdin.buffer.read())
+        return 0  # not ours to act on
+    config_path = config_of(domain_xml)
     if config_path is None:
         return 0
     places = lh.Places(args.state_dir, args.log_dir)
