@@ -17,7 +17,7 @@ import pytest
 from lab.bridgeproc import write_config
 from lab.libvirtd import URI
 from lab.pcsc import direct_transmit
-from lab.qemu import Qemu
+from lab.qemu import Qemu, free_tcp_port
 from tests.lifecycle_helpers import (
     CliProcess,
     attach_args,
@@ -158,16 +158,21 @@ def test_attach_twice_socket_in_use_card_not_found_no_usb_leave_qemu_as_it_was(
     assert ours_in_qemu(libvirtd, bare) == []
 
 
-def test_attach_over_qmp_to_a_qemu_run_by_hand_with_the_bridge_listening(
-    test_card, tmp_path: Path
+@pytest.mark.parametrize(("kind", "mode"), [("unix", "connect"), ("tcp", "connect"),
+                                          ("tcp", "bind")])
+def test_attach_over_qmp_to_a_qemu_run_by_hand(
+    test_card, tmp_path: Path, kind: str, mode: str
 ) -> None:
-    """``--qmp``: no libvirt; the config's ``mode='connect'`` makes QEMU dial the bridge."""
+    """``--qmp``: no libvirt.  ``mode='connect'`` makes QEMU dial the (listening)
+    bridge, ``mode='bind'`` makes QEMU listen."""
     card = test_card("dual")
     sock = tmp_path / "bridge.sock"
+    source = (f"path='{sock}'" if kind == "unix"
+              else f"host='127.0.0.1' service='{free_tcp_port()}'")
     config = tmp_path / "hand.xml"
     config.write_text(
-        "<ccidbridge><smartcard mode='passthrough' type='unix'>"
-        f"<source mode='connect' path='{sock}'/><reader name='{card.reader}'/>"
+        f"<ccidbridge><smartcard mode='passthrough' type='{kind}'>"
+        f"<source mode='{mode}' {source}/><reader name='{card.reader}'/>"
         "</smartcard></ccidbridge>")
     qmp_path = tmp_path / "attach.qmp"
     args = ["-machine", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
