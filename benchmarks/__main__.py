@@ -1,7 +1,7 @@
-"""``python -m benchmarks [ITEM...]``: run issue 6's benchmarks, print a table, write JSON.
+"""``python -m benchmarks [ITEM...]``: run the benchmarks (docs/performance.md), print tables, JSON.
 
 Items (all by default, in this order): apdu, overhead, events, recovery,
-memory, scale, codec.  Run inside ``.ci/isolated`` (``make bench``): the
+memory, scale, codec, config.  Run inside ``.ci/isolated`` (``make bench``): the
 items that need pcscd start a private one.  ``--quick`` makes every item
 smaller (a smoke run: numbers are noisier).  JSON goes to
 ``benchmarks/results/latest.json`` unless ``--json`` says otherwise.
@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import apdu, codec, lifecycle, scale
+from benchmarks import apdu, codec, config, lifecycle, scale
 from benchmarks.common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -47,6 +47,7 @@ TARGETS = {
     "memory": "idle RSS <= 40 MB, growth after 100k APDUs <= 1 MB",
     "scale": "16-card p99 / single-card p99 <= 1.5",
     "codec": "(no target: msg/s against a plain struct codec)",
+    "config": "linear: load time per KiB at 1 MiB <= 2x that at 16 KiB",
 }
 
 
@@ -178,6 +179,15 @@ def report_codec(r: dict) -> tuple[list[str], bool]:
     return ["  " + line for line in codec.report(r)], True
 
 
+def report_config(r: dict) -> tuple[list[str], bool]:
+    ok = True
+    for by_size in r.values():
+        sizes = sorted(by_size, key=int)
+        per_kib = {s: by_size[s] / int(s) for s in sizes}
+        ok &= per_kib[sizes[-1]] <= 2 * per_kib[next(s for s in sizes if int(s) >= 16 << 10)]
+    return ["  " + line for line in config.report(r)] + [f"  {'MET' if ok else 'MISSED'}"], ok
+
+
 def _codec() -> dict:
     return codec.measure()
 
@@ -196,6 +206,7 @@ ITEMS: dict[str, tuple[Callable[[bool], dict], Callable[[dict], tuple[list[str],
         report_scale,
     ),
     "codec": (lambda q: _codec(), report_codec),
+    "config": (lambda q: config.measure(2 if q else config.RUNS), report_config),
 }
 
 

@@ -16,7 +16,7 @@ timing peer (QEMU's end, a real socket) -> bridge process -> pcscd -> vpcd
 * ``floor`` = ``direct`` + ``socket floor``, summed sample by sample (same
   round, same position), so it is a distribution too: what a bridge with
   zero cost of its own would measure;
-* ``relay`` (calibration): issue 6's minimal blocking relay — read a frame,
+* ``relay`` (calibration): the minimal blocking relay — read a frame,
   SCardTransmit, write the answer — serving card C;
 * ``session relay`` (design probe): ccidbridge's BridgeSession driven by one
   blocking thread that calls SCardTransmit itself, serving card D: what a
@@ -138,8 +138,8 @@ def _serve(kids: list[Child], peer: Peer, mode: str, *extra: str, handshake: boo
 def _in_process_bridge(peer: Peer, reader: str) -> Iterator[None]:
     """A CardBridge with the real PC/SC card side on a thread of this process."""
     from ccidbridge.card.pcsc import PcscCard
-    from ccidbridge.config.model import ReaderSpec, ServedCard
     from ccidbridge.runtime.bridge import CardBridge
+    from ccidbridge.spec import ReaderSpec, ServedCard
 
     served = ServedCard("inproc", peer.endpoint, ReaderSpec(name=reader))
     loop = asyncio.new_event_loop()

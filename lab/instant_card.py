@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ccidbridge.card.base import CardSink
+from ccidbridge.card.base import CardReport, Inserted
 
 DEFAULT_ATR = bytes.fromhex("3B8F8001804F0CA0000003060300030000000068")
 
@@ -25,19 +25,24 @@ class InstantCard:
     ) -> None:
         self.atr = atr
         self.respond = respond
-        self._sink: CardSink | None = None
+        self._out: list[CardReport] = []
 
-    def start(self, sink: CardSink) -> None:
-        self._sink = sink
-        sink.card_inserted(self.atr, "instant")
+    def start(self, wake: Callable[[], None]) -> None:
+        self._out.append(Inserted(self.atr, "instant", 1))
+        wake()
 
-    def transmit(self, seq: int, apdu: bytes) -> None:
-        assert self._sink is not None
-        self._sink.apdu_done(seq, self.respond(apdu), None)
+    def reports(self, now: float) -> list[CardReport]:
+        out, self._out = self._out, []
+        return out
 
-    def recheck(self) -> None:
-        if self._sink is not None:
-            self._sink.card_inserted(self.atr, "instant")
+    def next_due(self) -> float | None:
+        return None
+
+    def transmit(self, apdu: bytes) -> bytes:
+        return self.respond(apdu)
+
+    def revive(self, failed: bool) -> None:
+        self._out.append(Inserted(self.atr, "instant", 1))
 
     def stop(self) -> None:
-        self._sink = None
+        pass

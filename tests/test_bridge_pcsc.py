@@ -6,14 +6,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from smartcard import scard
 
 from ccidbridge.card.pcsc import PcscCard
-from ccidbridge.config.model import ReaderSpec, Share
 from ccidbridge.protocol.atr import announce_t0
+from ccidbridge.spec import ReaderSpec, Share
 from lab.bridgeproc import write_config
 from lab.device_peer import DevicePeer
 from lab.pcsc import PcscStack, direct_transmit
@@ -37,18 +36,26 @@ APDUS = [
 
 
 def bridge_to_peer(
-    peer: DevicePeer, reader: str, share: Share = Share.EXCLUSIVE, **kw
+    peer: DevicePeer, reader: str, share: Share = Share.EXCLUSIVE, trace: int = 0, **kw
 ) -> RunningBridge:
     spec = ReaderSpec(name=reader, share=share, **kw)
-    return RunningBridge(served_card(peer.endpoint, spec), PcscCard(spec))
+    return RunningBridge(served_card(peer.endpoint, spec), PcscCard(spec), trace=trace)
 
 
+#: The production path is the tested path: APDU tracing off (the default) and on.
+traced = pytest.mark.parametrize("trace", [0, 2], ids=["trace-off", "trace-vv"])
+
+
+@traced
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_every_response_equals_a_direct_transmit(test_card, tmp_path, kind) -> None:
+def test_every_response_equals_a_direct_transmit(test_card, tmp_path, kind, trace) -> None:
     card = test_card("dual")
     expected = direct_transmit(card.reader, APDUS)
     card.restart()  # same deterministic card state for the bridged run
-    with DevicePeer(kind, path=str(tmp_path / "q.sock")) as peer, bridge_to_peer(peer, card.reader):
+    with (
+        DevicePeer(kind, path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, card.reader, trace=trace),
+    ):
         peer.wait_card(True)
         got = [peer.guest(apdu).data for apdu in APDUS]
     assert got == expected
@@ -69,11 +76,12 @@ def test_vicc_smoke_atr_rewritten_and_apdus_relayed(vicc_card, tmp_path) -> None
         assert peer.guest(bytes.fromhex("00A4000C023F00")).data == b"\x90\x00"
 
 
-def test_removal_and_insertion_reach_the_peer(test_card, tmp_path) -> None:
+@traced
+def test_removal_and_insertion_reach_the_peer(test_card, tmp_path, trace) -> None:
     card = test_card("dual")
     with (
         DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
-        bridge_to_peer(peer, card.reader),
+        bridge_to_peer(peer, card.reader, trace=trace),
     ):
         peer.wait_card(True)
         card.remove()
@@ -130,47 +138,70 @@ def test_long_response_reaches_the_guest_through_get_response(test_card, tmp_pat
     assert not any(a.outcome is Outcome.DROPPED for a in peer.device.answers)
 
 
-def test_crash_mid_apdu_fails_it_at_once_then_removes_the_card(test_card, tmp_path) -> None:
+@traced
+def test_crash_mid_apdu_fails_it_at_once_then_removes_the_card(test_card, tmp_path, trace) -> None:
     card = test_card("dual", ["crash=B0"])
     with (
         DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
-        bridge_to_peer(peer, card.reader),
+        bridge_to_peer(peer, card.reader, trace=trace),
     ):
         peer.wait_card(True)
-        t0 = time.monotonic()
         answer = peer.guest(bytes.fromhex("00B0000010"))
-        assert answer.outcome is Outcome.FAILED
-        assert time.monotonic() - t0 < 1.0
+        assert answer.outcome is Outcome.FAILED  # VSC_Error, not a guest-side timeout
         peer.wait_card(False, timeout=3)
 
 
-def test_hung_card_times_out_then_comes_back(test_card, tmp_path) -> None:
+@traced
+def test_hung_card_times_out_then_comes_back(test_card, tmp_path, trace) -> None:
     card = test_card("dual")
     with (
         DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
-        bridge_to_peer(peer, card.reader, apdu_timeout=0.5) as bridge,
+        bridge_to_peer(peer, card.reader, apdu_timeout=0.5, trace=trace) as bridge,
     ):
         peer.wait_card(True)
         card.sigstop()
         try:
-            t0 = time.monotonic()
             answer = peer.guest(SELECT_FILE, timeout=5)
-            took = time.monotonic() - t0
             assert answer.outcome is Outcome.FAILED
-            assert 0.4 < took < 2.0, took
-            peer.wait_card(False, timeout=2)
+            peer.wait_card(False, timeout=2)  # CardRemove sent and acked: the socket is served
             bridge.wait_log("did not answer within")
+            assert peer.guest(SELECT_FILE).outcome is Outcome.NO_CARD
         finally:
             card.sigcont()
         peer.wait_card(True, timeout=5)
         assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+        bridge.wait_log("answered again after its timeout")
 
 
-def test_pcscd_restart_is_recovered_and_the_atr_sent_again(pcsc_stack, test_card, tmp_path) -> None:
+@traced
+def test_hung_card_pulled_and_a_card_inserted_is_served(test_card, tmp_path, trace) -> None:
+    """A removal and a new card while the bridge has given up on a hung card
+    (the old runtime could queue the detach behind the attach) end with the
+    new card served."""
     card = test_card("dual")
     with (
         DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
-        bridge_to_peer(peer, card.reader),
+        bridge_to_peer(peer, card.reader, apdu_timeout=0.5, trace=trace) as bridge,
+    ):
+        peer.wait_card(True)
+        card.sigstop()
+        assert peer.guest(SELECT_FILE, timeout=5).outcome is Outcome.FAILED
+        peer.wait_card(False, timeout=2)
+        card.kill()  # pulled while hung: pcscd fails the stuck exchange
+        card.insert()
+        peer.wait_card(True, timeout=10)
+        assert peer.guest(SELECT_FILE).data == b"\x90\x00"
+        assert "Traceback" not in bridge.text()
+
+
+@traced
+def test_pcscd_restart_is_recovered_and_the_atr_sent_again(
+    pcsc_stack, test_card, tmp_path, trace
+) -> None:
+    card = test_card("dual")
+    with (
+        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
+        bridge_to_peer(peer, card.reader, trace=trace),
     ):
         peer.wait_card(True)
         atrs_before = sum(1 for f in peer.device.received if f[0] == 5)
@@ -181,26 +212,6 @@ def test_pcscd_restart_is_recovered_and_the_atr_sent_again(pcsc_stack, test_card
             what="the ATR again after pcscd's restart",
         )
         assert peer.guest(SELECT_FILE).data == b"\x90\x00"
-
-
-def test_pin_data_never_reaches_the_log(test_card, tmp_path) -> None:
-    card = test_card("dual")
-    verify = bytes.fromhex("002000800431323334")
-    change = bytes.fromhex("002400800831323334" + "35363738")
-    with (
-        DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
-        bridge_to_peer(peer, card.reader) as bridge,
-    ):  # trace=2: data of other commands
-        peer.wait_card(True)
-        assert peer.guest(verify).data == b"\x90\x00"
-        peer.guest(change)
-        peer.guest(bytes.fromhex("80100000023132"))  # a non-PIN command with the same bytes
-        bridge.wait_log("INS 10")
-        text = bridge.text()
-    assert "INS 20" in text and "data redacted" in text
-    pin_lines = [line for line in text.splitlines() if "INS 20" in line or "INS 24" in line]
-    assert pin_lines and not any("3132" in line or "1234" in line for line in pin_lines)
-    assert "[3132]" in text  # the control: non-PIN data is shown at -vv
 
 
 def test_run_command_serves_a_config_and_says_goodbye_on_sigterm(test_card, tmp_path) -> None:

@@ -253,6 +253,24 @@ def test_long_response_is_chained_and_never_dropped() -> None:
     assert link.of(events.ResponseChained) and len(link.of(events.ApduAnsweredLocally)) == 3
 
 
+def test_get_response_waits_behind_older_pending_answers() -> None:
+    """R5: a GET RESPONSE served from the buffer must not overtake the answer to
+    a command the guest sent earlier (QEMU matches answers first in, first out)."""
+    link = ready_link(card=long_card, hold_card=True)
+    first = link.guest(b"\x80\x10\x00\x00\x00\x01\x90")  # 400 bytes: chained
+    second = link.guest(SELECT)  # pipelined behind it, still at the card
+    held = link.held
+    link.held = []
+    link.handle(events.ApduResponse(held[0].seq, long_card(held[0].apdu)))
+    assert link.device.answer_for(first).data[-2:] == b"\x61\x90"  # 144 more
+    third = link.guest(b"\x00\xc0\x00\x00\x00")  # GET RESPONSE for the rest
+    assert link.device.answer_for(second) is None and link.device.answer_for(third) is None
+    link.handle(events.ApduResponse(held[1].seq, b"\x90\x00"))
+    assert link.device.answer_for(second).data == b"\x90\x00"
+    rest = link.device.answer_for(third).data
+    assert rest == long_card(b"\x80\x10\x00\x00\x00\x01\x90")[256:]
+
+
 def test_other_command_drops_the_chain() -> None:
     link = ready_link(card=long_card)
     link.guest(b"\x80\x10\x00\x00\x00\x01\x90")

@@ -1,51 +1,76 @@
-"""The interface between the bridge runtime and a card side.
+"""The interface between a card bridge and its card side.
 
-Threading contract: a card side does its blocking work on its own threads.
-Its methods return at once.  It reports through a :class:`CardSink`, whose
-methods it may call from any of its threads; the runtime's sink marshals each
-call onto the event loop.
+Threading contract (one owner): a card side is driven by its bridge's APDU
+thread, which calls :meth:`CardSide.reports` and :meth:`CardSide.transmit`
+synchronously — SCardTransmit runs on that thread, with no hand-off.  Watchers
+the card side runs on threads of its own (the reader monitor) never touch its
+state: they post into a thread-safe inbox and call ``wake()``, after which the
+owner calls :meth:`reports`.
+
+A card that stops answering keeps its owner stuck in a card call: the
+bridge then serves QEMU from a new thread without touching the card side,
+and the card side goes back to the bridge's current thread only when the
+stuck call returns (:meth:`CardSide.revive`).  So at any moment exactly one
+thread uses it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 
-class CardSink(Protocol):
-    """What a card side reports.  Callable from any thread."""
+@dataclass(frozen=True, slots=True)
+class Inserted:
+    """A card is ready: found at start, inserted, reset, or back after a failure."""
 
-    def card_inserted(self, atr: bytes, reader: str) -> None:
-        """A card is ready to serve APDUs: found at start, inserted, reset, or
-        back after a failure.  Called again (same or new ATR) after a reset."""
+    atr: bytes
+    reader: str
+    protocol: int = 0  # the PC/SC protocol in use: 1 = T=0, 2 = T=1, 0 = unknown
 
-    def card_removed(self, reason: str) -> None:
-        """The card can no longer be served: removed, reader gone, pcscd gone,
-        card failed.  ``reason`` is one line for the log."""
 
-    def apdu_done(self, seq: int, response: bytes | None, error: str | None) -> None:
-        """The answer to ``transmit(seq, ...)``: ``response`` (with SW1 SW2)
-        or ``None`` with ``error`` saying why it failed."""
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """The card can no longer be served; ``reason`` is one line for the log."""
 
-    def notice(self, message: str, level: int) -> None:
-        """A log line (``logging`` level) about the host side, e.g. "reader X
-        not found; waiting".  The card side says each condition once, not per
-        retry."""
+    reason: str
+
+
+CardReport = Inserted | Removed
+
+
+class TransmitFailed(Exception):
+    """The APDU did not reach the card or its answer did not come back.
+
+    ``str()`` is one line for the log, never the APDU's bytes.  What the
+    failure means for the card (removed, reset) comes from the next
+    :meth:`CardSide.reports`.
+    """
 
 
 class CardSide(Protocol):
-    def start(self, sink: CardSink) -> None:
-        """Begin watching for the card; report through ``sink``."""
+    def start(self, wake: Callable[[], None]) -> None:
+        """Begin watching; call ``wake()`` (from any thread) when :meth:`reports`
+        has something to do."""
 
-    def transmit(self, seq: int, apdu: bytes) -> None:
-        """Queue ``apdu`` for the card; answer with ``sink.apdu_done(seq, ...)``
-        exactly once.  APDUs are carried out one at a time, in order."""
+    def reports(self, now: float) -> list[CardReport]:
+        """Owner thread: act on what the watchers posted and on what is due
+        (retries), and say what changed."""
 
-    def recheck(self) -> None:
-        """The runtime gave up on a card that stopped answering (APDU timeout)
-        and reported it removed.  When the card answers again, report
-        ``card_inserted`` again."""
+    def next_due(self) -> float | None:
+        """The ``time.monotonic()`` at which :meth:`reports` wants to run again."""
+
+    def transmit(self, apdu: bytes) -> bytes:
+        """Owner thread: send ``apdu``, return the answer (SW1 SW2 included).
+        Blocks as long as the card takes; raises :class:`TransmitFailed`."""
+
+    def revive(self, failed: bool) -> None:
+        """Owner thread: a card call the bridge had given up on (the card did not
+        answer within the timeout, and the guest was told the card is gone) has
+        returned, ``failed`` if without an answer.  Report the card again if it
+        answers now (a mute card is reset first)."""
 
     def stop(self) -> None:
-        """Release the card (SCARD_LEAVE_CARD) and end every thread; no sink
-        call after this returns.  Must return promptly even if a transmit is
-        stuck in a hung card (abandon that thread: it is a daemon)."""
+        """Release the card (SCARD_LEAVE_CARD) and end every watcher; returns
+        promptly even when a call is stuck in a hung card."""

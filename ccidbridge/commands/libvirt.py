@@ -8,7 +8,6 @@ import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.commands.qemu_argv import add_version_option, version_of
-from ccidbridge.config.layout import layout
 from ccidbridge.config.libvirt_xml import render
 from ccidbridge.lifecycle import metadata
 
@@ -17,7 +16,7 @@ METADATA_HEAD = ("<!-- paste into the domain's <metadata> (create it): ccidbridg
                  "starts the bridge with the domain -->")
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "libvirt", help="print the devices to paste into a libvirt domain",
         description="Print CONFIG's ccid controller(s), smartcard(s) and channel(s) as "
@@ -48,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ccidbridge: --metadata {args.metadata}: give an absolute path (the hook runs "
               "in libvirtd's directory, not this one)", file=sys.stderr)
         return EXIT_CONFIG
-    devices = render(layout(config.devices), version_of(args), portable=args.portable)
+    devices = render(config.layout, version_of(args), portable=args.portable)
     if args.metadata is None:
         sys.stdout.write(devices)
         return 0

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="serve the passthrough smartcards of one or more configs",
@@ -43,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(path)
         if config is None:
             return EXIT_CONFIG
+        if config.refused:
+            for refusal in config.refused:
+                print(refusal, file=sys.stderr)
+            return EXIT_CONFIG
         for label, reason in config.unserved():
             logging.getLogger("ccidbridge").warning("not serving %s: %s", label, reason)
         cards += config.served_cards()
@@ -55,4 +58,4 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_CONFIG
     trace = 0 if args.quiet else min(args.verbose, 2)
-    return asyncio.run(Service(cards, trace=trace).run())
+    return Service(cards, trace=trace).run()

@@ -2,12 +2,14 @@
 
 Inputs ("the runtime tells the session") are passed to ``session.handle()``;
 outputs ("the session tells the runtime") come from ``session.events()``.
-All are small frozen values.
+All are small frozen values.  Fields that carry APDU or card data are left
+out of ``repr()``: what of an APDU may be logged is decided by one function
+(runtime/apdulog.py), never by a generic repr.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ccidbridge.protocol.errors import VSCardError
 
@@ -41,7 +43,7 @@ class ApduResponse:
     """The card answered request ``seq`` with ``data`` (including SW1 SW2)."""
 
     seq: int
-    data: bytes
+    data: bytes = field(repr=False)  # card data: never in a generic repr (apdulog decides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +74,7 @@ class TransmitApdu:
     """Send ``apdu`` to the card and answer with ApduResponse/ApduFailed(seq)."""
 
     seq: int
-    apdu: bytes
+    apdu: bytes = field(repr=False)  # may hold a PIN: never in a generic repr (apdulog decides)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +143,7 @@ class ResponseChained:
 class ApduAnsweredLocally:
     """A GET RESPONSE was served from the bridge's buffer, not the card."""
 
-    apdu: bytes
+    apdu: bytes = field(repr=False)
     length: int
 
 
@@ -149,7 +151,7 @@ class ApduAnsweredLocally:
 class ApduRefused:
     """An APDU from the guest was answered with VSC_Error at once."""
 
-    apdu: bytes
+    apdu: bytes = field(repr=False)  # may hold a PIN
     reason: str
 
 
@@ -165,7 +167,7 @@ class PendingFailed:
 class StaleApduDropped:
     """QEMU already settled this request when it processed our ATR/CardRemove."""
 
-    apdu: bytes
+    apdu: bytes = field(repr=False)  # may hold a PIN
 
 
 @dataclass(frozen=True, slots=True)

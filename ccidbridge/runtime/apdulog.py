@@ -1,19 +1,28 @@
-"""What the log may say about an APDU.
+"""What the log may say about an APDU: the one rule, stated here.
 
-PINs travel in the data field of VERIFY (INS 20), CHANGE REFERENCE DATA
-(INS 24) and RESET RETRY COUNTER (INS 2C).  Their data never reaches a log
-line or trace at any level; for every other command the data is shown only
-at debug level (``-vv``).  Responses are described by length and status word.
+PINs travel in the data field of VERIFY, CHANGE REFERENCE DATA and RESET
+RETRY COUNTER, in both encodings ISO/IEC 7816-4 gives them (even INS: plain
+data; odd INS: BER-TLV data), under any class byte (secure messaging and
+command chaining change CLA, not INS); ENVELOPE (C2/C3) can wrap any of
+them.  For those commands neither the command data nor the response data ever
+reaches a log line or trace, at any level.  For every other command the data
+is shown only when asked for (``-vv``).  Every log line about an APDU is made
+by :func:`describe_command` / :func:`describe_response`.
 """
 
 from __future__ import annotations
 
-#: INS codes whose command data holds a PIN, PUK or new reference data.
-SECRET_INS = frozenset({0x20, 0x24, 0x2C})
+#: INS codes whose data may hold a PIN, PUK or new reference data.
+SECRET_INS = frozenset({0x20, 0x21, 0x24, 0x25, 0x2C, 0x2D, 0xC2, 0xC3})
 
 
 def is_secret(apdu: bytes) -> bool:
-    return len(apdu) >= 2 and apdu[1] in SECRET_INS
+    """True if ``apdu``'s data, and its answer's, must never be logged.
+
+    A command too short to have an INS counts as secret: nothing about it is
+    known, so none of it is shown.
+    """
+    return len(apdu) < 2 or apdu[1] in SECRET_INS
 
 
 def describe_command(apdu: bytes, with_data: bool = False) -> str:
@@ -29,7 +38,7 @@ def describe_command(apdu: bytes, with_data: bool = False) -> str:
 
 
 def describe_response(response: bytes, with_data: bool = False, command: bytes = b"") -> str:
-    """``SW 9000, 10 bytes`` (+ data at debug level, never for PIN commands)."""
+    """``SW 9000, 10 bytes`` (+ data when allowed, never for PIN commands)."""
     if len(response) < 2:
         return f"no status word ({len(response)} bytes)"
     text = f"SW {response[-2:].hex().upper()}, {len(response)} bytes"

@@ -1,365 +1,428 @@
 """One served card: the session, its card side and its connection to QEMU.
 
-Everything here runs on the event loop, except the card side's own threads,
-whose reports arrive through :class:`_LoopSink` (``call_soon_threadsafe``)
-— with one exception, the APDU answer: the card side's thread writes it to
-the socket itself (:meth:`CardBridge.answer_now`), because a hop through the
-event loop (self-pipe write, loop wake-up, one more loop iteration) cost about
-as much as everything else the bridge does per APDU (benchmarks, issue 6).
-That is why the session and the socket writes are guarded by locks, and why
-the runtime never calls into the card side while holding them.
-The socket is always drained, even while the card is busy: QEMU's chardev
-writes block its main loop when the peer stops reading (qemu-passthru.md
-gotcha 12).
+The threading model (chosen by measurement, docs/performance.md): one **APDU
+thread** per card does everything on the APDU path itself — it polls the
+socket, feeds the sans-IO session, calls SCardTransmit synchronously and
+writes the answer — so a guest command costs no thread hand-off and no more
+wake-ups than a bare relay.  Around it:
+
+* the card side's watchers (the reader monitor) post into the card side's
+  inbox and wake the APDU thread through ``_wake_w``;
+* the **watchdog** thread looks at ``_call`` (which card call is running,
+  since when) a few times per timeout.  A card that does not answer within
+  ``timeout`` keeps the APDU thread stuck in PC/SC for good (SCardCancel does
+  not help, docs/pcsc-lite.md#P5), so the watchdog hands the bridge to a new
+  APDU thread, which fails the guest's command with VSC_Error, reports the
+  card removed and keeps draining QEMU's socket (protocol/VSCARD.md#Q12).  The
+  stuck thread, when its call returns, hands the card side back through
+  ``_inbox`` and ends.
+
+Who owns what:
+
+* ``_handoff`` (a lock) guards ``_call``, ``_gen`` and ``_closed``: the APDU
+  thread sets ``_call`` around every card call; the watchdog reads it and, to
+  take over, bumps ``_gen``; a thread given up on checks ``_closed`` before it
+  hands the card side back.
+* ``_inbox_lock`` guards ``_inbox``; any thread posts, then writes ``_wake_w``.
+* Everything else belongs to the APDU thread of the current generation
+  (``_gen``), and is handed from one to the next only by the watchdog,
+  before it starts the new thread.  The card side, while ``_lent``, belongs
+  to the stuck thread until it posts :class:`_CardReturned`.
+* ``connected``, ``synchronized``, ``finished``: thread-safe events for
+  whoever watches the bridge (the service, tests).
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import os
+import select
+import socket
+import ssl
 import threading
 import time
+import weakref
+from dataclasses import dataclass, field
 
-from ccidbridge.card.base import CardSide
-from ccidbridge.config.model import ServedCard
+from ccidbridge import tls
+from ccidbridge.card.base import CardReport, CardSide, Inserted, Removed, TransmitFailed
 from ccidbridge.protocol import events as ev
 from ccidbridge.protocol.atr import hexatr
-from ccidbridge.protocol.session import BridgeSession, State
-from ccidbridge.runtime import apdulog
-from ccidbridge.runtime.transport import Link
+from ccidbridge.protocol.session import BridgeSession
+from ccidbridge.runtime import apdulog, peers
+from ccidbridge.runtime.transport import (
+    RETRY_MAX,
+    RETRY_MIN,
+    Connection,
+    Listener,
+    TlsHandshake,
+    TransportError,
+    finish_connect,
+    start_connect,
+    tls_failure,
+)
+from ccidbridge.spec import ServedCard, is_loopback
 
 #: How long shutdown waits for QEMU to ack CardRemove and ReaderRemove.
 SHUTDOWN_ACK_TIMEOUT = 1.0
+#: Stop reading the peer while this much of our output waits in our buffer:
+#: a peer that does not read gets no new commands in (docs/performance.md).
+OUT_HIGH_WATER = 4096
+NOT_ANSWERING = "the card is not answering"
+#: A TLS peer that has not finished its handshake by then loses its connection.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+_IN = select.POLLIN
+_OUT = select.POLLOUT
+_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
-class _LoopSink:
-    """The CardSink handed to the card side: every call hops onto the loop,
-    except an APDU answer that :meth:`CardBridge.answer_now` can write at once.
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """A card call under way: which thread, for which guest APDU, due when."""
 
-    Calls made on the loop's own thread (a card side that answers
-    synchronously) use ``call_soon``: no self-pipe write, no wake-up.
-    """
+    gen: int
+    seq: int | None
+    deadline: float
 
-    def __init__(self, bridge: CardBridge, loop: asyncio.AbstractEventLoop) -> None:
-        self._bridge = bridge
-        self._soon = loop.call_soon
-        self._threadsafe = loop.call_soon_threadsafe
-        self._loop_thread = threading.get_ident()
 
-    def _call(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
-        if threading.get_ident() == self._loop_thread:
-            self._soon(fn, *args)
-        else:
-            self._threadsafe(fn, *args)
+@dataclass(frozen=True, slots=True)
+class _CardReturned:
+    """Posted by a thread the watchdog gave up on: its card call came back."""
 
-    def card_inserted(self, atr: bytes, reader: str) -> None:
-        self._call(self._bridge.on_card_inserted, atr, reader)
+    failed: bool
+    reports: list[CardReport] = field(default_factory=list)
 
-    def card_removed(self, reason: str) -> None:
-        self._call(self._bridge.on_card_removed, reason)
 
-    def apdu_done(self, seq: int, response: bytes | None, error: str | None) -> None:
-        if threading.get_ident() == self._loop_thread:
-            self._soon(self._bridge.on_apdu_done, seq, response, error)
-        elif response is None or not self._bridge.answer_now(seq, response):
-            self._threadsafe(self._bridge.on_apdu_done, seq, response, error)
+@dataclass(frozen=True, slots=True)
+class _Stop:
+    """End: with ``goodbye``, CardRemove + ReaderRemove to QEMU first."""
 
-    def notice(self, message: str, level: int) -> None:
-        self._call(self._bridge.log.log, level, "%s", message)
+    goodbye: bool = True
+
+
+class _Abandoned(Exception):
+    """This APDU thread was replaced while it was stuck in a card call."""
 
 
 class CardBridge:
-    """Serves one passthrough smartcard until :meth:`stop`."""
+    """Serves one passthrough smartcard from :meth:`start` until :meth:`stop`."""
 
     def __init__(
         self,
         served: ServedCard,
         card: CardSide,
-        log: logging.Logger | None = None,
+        log: Log | None = None,
         trace: int = 0,
     ) -> None:
         """``trace``: 1 logs every APDU (command header, length, SW, time),
         2 adds the data of commands that carry no PIN (apdulog)."""
         self.served = served
         self.card = card
-        self.log = log or logging.getLogger(f"ccidbridge.{served.label}")
+        self.log: Log = log or logging.getLogger(f"ccidbridge.{served.label}")
         self.session = BridgeSession(
             reader_name=served.reader.name or served.reader.match or "ccidbridge",
             rewrite_atr=served.reader.rewrite_atr,
         )
-        self.link = Link(served.endpoint, self, self.log)
-        self._transport: asyncio.Transport | None = None
+        self._endpoint = served.endpoint
         self._timeout = served.reader.apdu_timeout
-        #: seq -> (loop.time() when sent to the card, APDU)
-        self._inflight: dict[int, tuple[float, bytes]] = {}
-        #: One timer for every APDU in flight (not one per APDU: answers that
-        #: arrive on the card side's thread cannot cancel loop timers).
-        self._watchdog: asyncio.TimerHandle | None = None
-        self._hung = False
-        #: Guards the session: the loop thread and the card side's thread
-        #: (answer_now) both use it.
-        self._lock = threading.Lock()
-        #: Guards socket writes and ``_backlog``, so bytes leave in the order the
-        #: session produced them.  Taken while holding ``_lock`` (never the other
-        #: way round); answer_now then lets ``_lock`` go before it writes, so the
-        #: loop can take the next request in while the answer is being written.
-        self._wlock = threading.Lock()
-        self._fd = -1  # the connection's socket, for answer_now
-        self._loop: asyncio.AbstractEventLoop | None = None
-        #: Bytes answer_now could not write at once; the loop writes them (and
-        #: anything after them) in order.
-        self._backlog: bytearray | None = None
-        #: APDUs for the card side, handed over after ``_lock`` is released.
-        self._to_card: list[tuple[int, bytes]] = []
-        self._done = asyncio.Event()
         self._trace = trace >= 1
         self._trace_data = trace >= 2
-        self.connected = asyncio.Event()
-        self.synchronized = asyncio.Event()
+        # -- shared, see the module docstring
+        self._handoff = threading.Lock()
+        self._call: _Call | None = None
+        self._gen = 0
+        self._inbox: list[object] = []
+        self._inbox_lock = threading.Lock()  # guards _inbox only
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # Closed only with the bridge object: a late post must never hit a reused fd.
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
+        self._closed = False
+        self._tls = threading.local()
+        self.connected = threading.Event()
+        self.synchronized = threading.Event()
+        self.finished = threading.Event()
+        #: why the bridge ended other than by stop(): None, or one line
+        self.failure: str | None = None
+        self.transport_error = False
+        # -- the APDU thread's
+        self._poll = select.poll()
+        self._poll.register(self._wake_r, _IN)
+        self._listener: Listener | None = None
+        self._conn: Connection | None = None
+        self._connecting: socket.socket | None = None
+        self._handshake: TlsHandshake | None = None
+        self._tls_ctx: ssl.SSLContext | None = None
+        self._retry_at = 0.0
+        self._retry_delay = RETRY_MIN
+        self._said_waiting = False
+        self._said: set[str] = set()  # conditions logged once until they end
+        self._peer_uids = peers.default_peer_uids()
+        self._out = bytearray()
+        self._reading = False
+        self._holds: list[tuple[float, int]] = []  # (due, token) for ReleaseAtr (R10)
+        self._lent = False  # the card side is with a thread the watchdog gave up on
+        self._stopping_at: float | None = None
+        self._done = False
+        self._watchdog_stop = threading.Event()
 
-    # -- lifecycle ----------------------------------------------------------------
+    # -- lifecycle (any thread) ------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve until cancelled or stopped; then say goodbye to QEMU."""
-        self.card.start(_LoopSink(self, asyncio.get_running_loop()))
-        link_task = asyncio.create_task(self.link.run(), name=f"link {self.served.label}")
-        try:
-            await link_task
-        finally:
-            link_task.cancel()
+    def start(self) -> None:
+        """Open the endpoint (raises TransportError), then serve on the APDU thread."""
+        if self._endpoint.tls is not None:
+            try:
+                self._tls_ctx = tls.context(self._endpoint.tls, self._endpoint.bridge_listens)
+            except tls.TlsFilesError as exc:
+                raise TransportError(f"TLS: {exc}") from None
+        if self._endpoint.bridge_listens:
+            if self._endpoint.kind == "tcp" and not is_loopback(self._endpoint.host):
+                self.log.warning(
+                    "listening on %s:%s, which is not loopback: anyone who can reach it can "
+                    "use the card",
+                    self._endpoint.host,
+                    self._endpoint.port,
+                )
+            if self._endpoint.kind == "unix" and self._endpoint.path:
+                problem = peers.directory_problem(self._endpoint.path, self._peer_uids)
+                if problem:
+                    raise TransportError(f"not listening on {self._endpoint.path}: {problem}")
+            self._listener = Listener(self._endpoint)
+            self._poll.register(self._listener.fd, _IN)
+            self.log.info("listening on %s", self._endpoint.describe())
+        self.card.start(self._wake)
+        self._spawn(0, [])
+        threading.Thread(target=self._watch, name="ccidbridge-watchdog", daemon=True).start()
+
+    def stop(self, wait: float = SHUTDOWN_ACK_TIMEOUT + 1.0) -> None:
+        """SIGINT/SIGTERM: fail pending APDUs, CardRemove + ReaderRemove, wait
+        briefly for QEMU's acks, then close.  A card call stuck in a hung card
+        is given up at once, so the goodbye is never held up by the card."""
+        self._post(_Stop())
+        with self._handoff:
+            call = self._call
+        if call is not None:
+            self._take_over(call, "the bridge is stopping")
+        self.finished.wait(wait)
+
+    def kill(self) -> None:
+        """Vanish without a word, like ``kill -9`` (tests): close the socket only."""
+        self._post(_Stop(goodbye=False))
+        with self._handoff:
+            call = self._call
+        if call is not None:
+            self._take_over(call, "the bridge is stopping")
+        self.finished.wait(2.0)
+
+    # -- waking the APDU thread (any thread) ------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe is awake enough
+            os.write(self._wake_w, b"\0")
+
+    def _post(self, item: object) -> None:
+        with self._inbox_lock:
+            self._inbox.append(item)
+        self._wake()
+
+    def _give_back(self, item: _CardReturned) -> None:
+        """On a thread the watchdog gave up on: hand the card side back, or, if
+        the bridge has ended meanwhile, stop it here (this thread owns it)."""
+        with self._handoff:
+            closed = self._closed
+            if not closed:
+                self._post(item)
+        if closed:
             self.card.stop()
 
-    async def stop(self) -> None:
-        """SIGINT/SIGTERM: fail pending APDUs, CardRemove + ReaderRemove, wait
-        briefly for QEMU's acks, then close."""
-        self._tell(ev.Shutdown())
-        if self.session.state is not State.CLOSED:
-            try:
-                await asyncio.wait_for(self._done.wait(), SHUTDOWN_ACK_TIMEOUT)
-            except TimeoutError:
-                self.log.warning("QEMU did not acknowledge the shutdown in time")
-        self.link.shut()
+    # -- the watchdog ---------------------------------------------------------------------
 
-    # -- the connection (transport.Peer) ------------------------------------------
+    def _watch(self) -> None:
+        period = min(self._timeout / 8, 1.0)
+        while not self._watchdog_stop.wait(period):
+            with self._handoff:
+                call = self._call
+            if call is not None and time.monotonic() >= call.deadline:
+                self._take_over(call, f"the card did not answer within {self._timeout:g}s")
 
-    def connection_up(self, transport: asyncio.Transport, peer: str) -> None:
-        sock = transport.get_extra_info("socket")
-        self._loop = asyncio.get_running_loop()
-        with self._lock:
-            with self._wlock:
-                self._transport = transport
-                self._fd = sock.fileno() if sock is not None else -1
-                self._backlog = None
-            self.log.info("connected to QEMU (%s)", peer)
-            self.connected.set()
-            self.session.handle(ev.ConnectionOpened())
-            self._flush()
-        if self._to_card:
-            self._give_card()
+    def _take_over(self, call: _Call, why: str) -> None:
+        """Hand the bridge to a new APDU thread; the stuck one keeps only its card call."""
+        with self._handoff:
+            if self._call is not call or self._gen != call.gen:
+                return  # it returned meanwhile
+            self._gen += 1
+            gen = self._gen
+            self._call = None
+        self._lent = True
+        first: list[ev.InputEvent] = []
+        if call.seq is not None:
+            first.append(ev.ApduFailed(call.seq, "timeout"))
+        first.append(ev.CardRemoved())
+        self.log.warning(
+            "%s: failing the APDU and reporting the card removed until it answers again", why
+        )
+        self._spawn(gen, first)
 
-    def data(self, data: bytes) -> None:
-        with self._lock:
-            self.session.receive_data(data)
-            self._flush()
-        if self._to_card:
-            self._give_card()
+    def _spawn(self, gen: int, first: list[ev.InputEvent]) -> None:
+        threading.Thread(
+            target=self._serve, args=(gen, first), name=f"ccidbridge-apdu-{gen}", daemon=True
+        ).start()
 
-    def connection_down(self, reason: str) -> None:
-        self.log.info("connection to QEMU closed (%s)", reason)
-        with self._lock:
-            with self._wlock:
-                self._transport = None
-                self._fd = -1
-                self._backlog = None
-            self.connected.clear()
-            self.synchronized.clear()
-            self._inflight.clear()
-            if self._watchdog is not None:
-                self._watchdog.cancel()
-                self._watchdog = None
-            self.session.handle(ev.ConnectionClosed())
-            self._flush()
-        if self._to_card:
-            self._give_card()
+    # -- the APDU thread ------------------------------------------------------------------
 
-    # -- the card (via _LoopSink) --------------------------------------------------
+    def _serve(self, gen: int, first: list[ev.InputEvent]) -> None:
+        self._tls.gen = gen
+        try:
+            for event in first:
+                self._tell(event)
+            self._loop()
+        except _Abandoned:
+            return
+        except Exception as exc:  # noqa: BLE001 - reported to the service, which restarts us
+            self.log.exception("this card's bridge failed")
+            self.failure = f"{type(exc).__name__}: {exc}"
+        self._finish()
 
-    def _tell(self, event: ev.InputEvent) -> None:
-        """Give the session ``event`` and carry out what it says (loop thread)."""
-        with self._lock:
-            self.session.handle(event)
-            self._flush()
-        if self._to_card:
-            self._give_card()
+    def _loop(self) -> None:
+        poll = self._poll.poll
+        while not self._done:
+            for fd, mask in poll(self._poll_timeout_ms()):
+                conn = self._conn
+                if fd == self._wake_r:
+                    self._woken()
+                elif conn is not None and fd == conn.fd:
+                    if mask & _OUT:
+                        self._flush_out()
+                    if mask & (_IN | _GONE) and self._conn is conn:
+                        self._read(conn)
+                elif self._listener is not None and fd == self._listener.fd:
+                    self._accept()
+                elif self._connecting is not None and fd == self._connecting.fileno():
+                    self._connect_done()
+                elif self._handshake is not None and fd == self._handshake.fd:
+                    self._step_handshake()
+            self._due(time.monotonic())
 
-    def on_card_inserted(self, atr: bytes, reader: str) -> None:
-        self._hung = False
-        self.log.info("card in %r, ATR %s", reader, hexatr(atr))
-        self._tell(ev.CardInserted(atr))
+    def _poll_timeout_ms(self) -> int:
+        due = [d for d, _ in self._holds]
+        if self._stopping_at is not None:
+            due.append(self._stopping_at)
+        if self._handshake is not None:
+            due.append(self._handshake.deadline)
+        if not self._lent:
+            card_due = self.card.next_due()
+            if card_due is not None:
+                due.append(card_due)
+        if self._wants_connect():
+            due.append(self._retry_at)
+        if not due:
+            return -1
+        return max(0, int((min(due) - time.monotonic()) * 1000) + 1)
 
-    def _release_atr(self, token: int) -> None:
-        """The guest has seen the card gone long enough (session rule R10)."""
-        self._tell(ev.ReleaseAtr(token))
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 512)
+        with self._inbox_lock:
+            items, self._inbox = self._inbox, []
+        for item in items:
+            if isinstance(item, _Stop):
+                if not item.goodbye:
+                    self._close_connection("killed", tell=False)
+                    self._done = True
+                    return
+                self._begin_stop()
+            elif isinstance(item, _CardReturned):
+                self._card_returned(item)
+        if not self._lent:
+            self._card_reports()
 
-    def on_card_removed(self, reason: str) -> None:
-        self.log.info("card gone: %s", reason)
-        self._tell(ev.CardRemoved())
+    def _due(self, now: float) -> None:
+        while self._holds and self._holds[0][0] <= now:
+            _, token = self._holds.pop(0)
+            self._tell(ev.ReleaseAtr(token))
+        if not self._lent:
+            card_due = self.card.next_due()
+            if card_due is not None and card_due <= now:
+                self._card_reports()
+        if self._handshake is not None and now >= self._handshake.deadline:
+            self._refuse_tls("it stalled in the TLS handshake")
+        if self._stopping_at is not None and now >= self._stopping_at:
+            self.log.warning("QEMU did not acknowledge the shutdown in time")
+            self._done = True
+        if self._wants_connect() and now >= self._retry_at:
+            self._try_connect()
 
-    def on_apdu_done(self, seq: int, response: bytes | None, error: str | None) -> None:
-        """The answer, on the loop (a failure, a card side on the loop's thread,
-        or whatever :meth:`answer_now` left to the loop)."""
-        with self._lock:
-            entry = self._inflight.pop(seq, None)
-            if entry is not None:
-                if self._trace:
-                    self._log_answer(entry, response, error)
-            elif self._hung:
-                self.log.info("the card answered again after its timeout")
-            if response is not None:  # one without SW1 SW2 is failed by the session (R5)
-                self.session.handle(ev.ApduResponse(seq, response))
-            else:
-                self.session.handle(ev.ApduFailed(seq, error or "no status word"))
-            self._flush()
-        if self._to_card:
-            self._give_card()
+    # -- the card side (APDU thread) ----------------------------------------------------
 
-    def answer_now(self, seq: int, response: bytes) -> bool:
-        """The hot path, on the card side's thread: hand ``response`` to the
-        session and write what it says straight to the socket.
+    def _card_call(self, seq: int | None) -> None:
+        with self._handoff:
+            self._call = _Call(self._tls.gen, seq, time.monotonic() + self._timeout)
 
-        Returns False, having changed nothing, when the loop must do it
-        instead (:meth:`on_apdu_done`): per-APDU tracing is on, the APDU is no
-        longer in flight (timed out, connection gone) or the socket is
-        closing.  Any session events (rare: e.g. a long answer that gets
-        chained) go to the loop.  Bytes that cannot be written at once — the
-        transport still holds earlier ones, or the write was partial — are
-        left to the loop, in order (``_backlog``).
-        """
-        if self._trace:
-            return False
-        lock, wlock = self._lock, self._wlock
-        with lock:
-            transport = self._transport
-            loop = self._loop
-            if (
-                transport is None
-                or loop is None
-                or self._fd < 0
-                or transport.is_closing()
-                or self._inflight.pop(seq, None) is None
-            ):
+    def _card_call_done(self) -> bool:
+        """True if this thread still owns the bridge after a card call."""
+        with self._handoff:
+            if self._gen != self._tls.gen:
                 return False
-            session = self.session
-            session.handle(ev.ApduResponse(seq, response))
-            events = list(session.events())
-            out = session.data_to_send()
-            if out:
-                wlock.acquire()  # before letting the session go: keeps the order
-        if out:
-            try:
-                if self._backlog is None and not transport.get_write_buffer_size():
-                    try:
-                        n = os.write(self._fd, out)
-                    except BlockingIOError:
-                        n = 0
-                    except OSError:
-                        n = len(out)  # the connection is going; the loop will see it close
-                    out = out[n:]
-                if out:
-                    if self._backlog is None:
-                        self._backlog = bytearray()
-                        loop.call_soon_threadsafe(self._write_backlog)
-                    self._backlog += out
-            finally:
-                wlock.release()
-        if events:
-            loop.call_soon_threadsafe(self._late_events, events)
-        return True
+            self._call = None
+            return True
 
-    def _write_backlog(self) -> None:
-        with self._wlock:
-            backlog, self._backlog = self._backlog, None
-            if backlog and self._transport is not None:
-                self._transport.write(bytes(backlog))
+    def _card_reports(self) -> None:
+        self._card_call(None)
+        reports = self.card.reports(time.monotonic())
+        if not self._card_call_done():
+            self._give_back(_CardReturned(False, reports))
+            raise _Abandoned()
+        self._apply_reports(reports)
 
-    def _late_events(self, events: list[object]) -> None:
-        with self._lock:
-            for event in events:
-                self._on_event(event)
-            self._flush()
-        if self._to_card:
-            self._give_card()
+    def _apply_reports(self, reports: list[CardReport]) -> None:
+        for report in reports:
+            if isinstance(report, Inserted):
+                self.log.info("card in %r, ATR %s", report.reader, hexatr(report.atr))
+                self._tell(ev.CardInserted(report.atr))
+            elif isinstance(report, Removed):
+                self.log.info("card gone: %s", report.reason)
+                self._tell(ev.CardRemoved())
 
-    def _check_timeouts(self) -> None:
-        """The watchdog: fail every APDU the card has sat on for ``apdu_timeout``
-        seconds, then sleep until the next one would be due."""
-        self._watchdog = None
-        loop = asyncio.get_running_loop()
-        expired = False
-        with self._lock:
-            now = loop.time()
-            for seq, (started, _) in list(self._inflight.items()):
-                if now - started < self._timeout - 0.001:
-                    continue
-                del self._inflight[seq]
-                expired = True
-                self.log.warning(
-                    "the card did not answer within %gs: failing the APDU and reporting the card "
-                    "removed until it answers again",
-                    self._timeout,
-                )
-                self._hung = True
-                self.session.handle(ev.ApduFailed(seq, "timeout"))
-                self.session.handle(ev.CardRemoved())
-            self._flush()
-            if self._inflight:
-                oldest = min(started for started, _ in self._inflight.values())
-                self._watchdog = loop.call_at(oldest + self._timeout, self._check_timeouts)
-        if self._to_card:
-            self._give_card()
-        if expired:
-            self.card.recheck()
+    def _card_returned(self, item: _CardReturned) -> None:
+        """The card side is back from the thread the watchdog gave up on."""
+        self._lent = False
+        self.log.info("the card answered again after its timeout")
+        self._apply_reports(item.reports)
+        self._card_call(None)
+        self.card.revive(item.failed)
+        if not self._card_call_done():
+            self._give_back(_CardReturned(True))
+            raise _Abandoned()
+        self._card_reports()
 
-    # -- session output ------------------------------------------------------------
+    def _transmit(self, seq: int, apdu: bytes) -> None:
+        """The hot path: the guest's APDU to the card, its answer to the session."""
+        if self._lent:
+            self.session.handle(ev.ApduFailed(seq, NOT_ANSWERING))
+            return
+        started = time.monotonic()
+        with self._handoff:
+            self._call = _Call(self._tls.gen, seq, started + self._timeout)
+        try:
+            response: bytes | None = self.card.transmit(apdu)
+            error = ""
+        except TransmitFailed as exc:
+            response, error = None, str(exc)
+        if not self._card_call_done():
+            self._give_back(_CardReturned(response is None))
+            raise _Abandoned()
+        if self._trace:
+            self._log_apdu(apdu, response, error, started)
+        if response is not None:
+            self.session.handle(ev.ApduResponse(seq, response))
+        else:
+            self.session.handle(ev.ApduFailed(seq, error))
+            self._card_reports()  # what the failure did to the card
 
-    def _flush(self) -> None:
-        """Act on the session's events and write its output.  Holds ``_lock``."""
-        session = self.session
-        for event in session.events():
-            if type(event) is ev.TransmitApdu:
-                self._transmit(event)
-            else:
-                self._on_event(event)
-        out = session.data_to_send()
-        if out and self._transport is not None:
-            with self._wlock:
-                if self._backlog is not None:
-                    self._backlog += out
-                else:
-                    self._transport.write(out)
-
-    def _transmit(self, event: ev.TransmitApdu) -> None:
-        loop = asyncio.get_running_loop()
-        self._inflight[event.seq] = (loop.time(), event.apdu)
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self._timeout, self._check_timeouts)
-        self._to_card.append((event.seq, event.apdu))
-
-    def _give_card(self) -> None:
-        """Hand the APDUs :meth:`_flush` queued to the card side, in order.
-
-        Never while holding ``_lock``: a card side may take locks of its own
-        in transmit() that its thread holds while it waits for ``_lock`` in
-        :meth:`answer_now` (a lock-order deadlock).  Loop thread only.
-        """
-        while self._to_card:
-            items, self._to_card = self._to_card, []
-            for seq, apdu in items:
-                self.card.transmit(seq, apdu)
-
-    def _log_answer(self, entry: tuple, response: bytes | None, error: str | None) -> None:
-        started, apdu = entry
+    def _log_apdu(self, apdu: bytes, response: bytes | None, error: str, started: float) -> None:
         ms = (time.monotonic() - started) * 1000
         command = apdulog.describe_command(apdu, self._trace_data)
         if response is not None:
@@ -368,15 +431,39 @@ class CardBridge:
             answer = f"failed: {error}"
         self.log.info("APDU %s -> %s in %.2f ms", command, answer, ms)
 
-    def _on_event(self, event: object) -> None:
+    # -- the session (APDU thread) ------------------------------------------------------
+
+    def _tell(self, event: ev.InputEvent) -> None:
+        """Give the session ``event`` and carry out what it says."""
+        self.session.handle(event)
+        self._act()
+
+    def _act(self) -> None:
+        """Carry out the session's events one by one, writing its output as it comes.
+
+        Events are taken one at a time, so that if this thread is abandoned in
+        a card call the rest stay in the session for the next APDU thread.
+        """
+        session = self.session
+        for event in session.events():
+            if type(event) is ev.TransmitApdu:
+                self._transmit(event.seq, event.apdu)
+            else:
+                self._on_event(event)
+            self._write(session.data_to_send())
+        self._write(session.data_to_send())
+
+    def _on_event(self, event: ev.OutputEvent) -> None:
         log = self.log
         match event:
             case ev.HoldAtr(token, seconds):
-                assert self._loop is not None
-                self._loop.call_later(seconds, self._release_atr, token)
+                self._holds.append((time.monotonic() + seconds, token))
+                self._holds.sort()
             case ev.Synchronized(card_present):
                 self.synchronized.set()
                 log.info("QEMU synchronized (%s)", "card present" if card_present else "no card")
+            case ev.AtrAccepted(atr):
+                log.debug("QEMU accepted the ATR %s", hexatr(atr))
             case ev.AtrRefused(atr, reason):
                 log.error(
                     "QEMU refused the ATR %s, so the guest sees no card: %s", hexatr(atr), reason
@@ -390,17 +477,289 @@ class CardBridge:
                 )
             case ev.PeerProtocolError(error):
                 log.error("the peer broke the VSCard protocol, connection dropped: %s", error)
-                if self._transport is not None:
-                    self._transport.abort()
+                self._close_connection("protocol error", tell=True)
             case ev.ShutdownComplete():
-                self._done.set()
+                self._done = True
             case ev.ControlRefused(message, code):
                 log.error("QEMU refused %s with code %d", message, code)
             case ev.ResponseChained(_, total):
                 log.info("card response of %d bytes served as 61xx + GET RESPONSE", total)
-            case ev.ApduRefused(_, reason):
-                log.info("APDU failed at once: %s", reason)
+            case ev.ApduAnsweredLocally(apdu, length):
+                log.debug("%s answered from the bridge's buffer (%d bytes)",
+                          apdulog.describe_command(apdu), length)
+            case ev.ApduRefused(apdu, reason):
+                log.info("APDU %s failed at once: %s", apdulog.describe_command(apdu), reason)
             case ev.PendingFailed(_, reason):
                 log.info("APDU in flight failed: %s", reason)
-            case _:
-                log.debug("%s", event)
+            case ev.StaleApduDropped(apdu):
+                log.debug("APDU %s dropped: QEMU already settled it (R6)",
+                          apdulog.describe_command(apdu))
+            case ev.LateResponseDropped(seq):
+                log.debug("late answer to APDU #%d dropped", seq)
+            case ev.PeerInit(version, _):
+                log.debug("peer Init, version %d", version)
+            case ev.UnexpectedMessage(description):
+                log.warning("ignored from the peer: %s", description)
+            case ev.TransmitApdu():
+                raise AssertionError("TransmitApdu is handled by _act")
+
+    # -- stopping (APDU thread) ---------------------------------------------------------
+
+    def _begin_stop(self) -> None:
+        if self._stopping_at is not None:
+            return
+        self._stopping_at = time.monotonic() + SHUTDOWN_ACK_TIMEOUT
+        self._tell(ev.Shutdown())
+
+    def _finish(self) -> None:
+        """End of the APDU thread: close everything this bridge opened."""
+        self._watchdog_stop.set()
+        self._close_connection("stopping", tell=False)
+        if self._connecting is not None:
+            self._connecting.close()
+            self._connecting = None
+        if self._handshake is not None:
+            with contextlib.suppress(OSError):
+                self._handshake.sock.close()
+            self._handshake = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._handoff:
+            self._closed = True
+        with self._inbox_lock:
+            returned = any(isinstance(item, _CardReturned) for item in self._inbox)
+            self._inbox.clear()
+        if not self._lent or returned:
+            self.card.stop()
+        self.finished.set()
+
+    # -- the connection (APDU thread) -----------------------------------------------------
+
+    def _wants_connect(self) -> bool:
+        return (
+            not self._endpoint.bridge_listens
+            and self._conn is None
+            and self._connecting is None
+            and self._handshake is None
+            and self._stopping_at is None
+            and not self._done
+        )
+
+    def _try_connect(self) -> None:
+        ep = self._endpoint
+        if ep.kind == "unix" and ep.path:
+            problem = peers.directory_problem(ep.path, self._peer_uids)
+            if problem:
+                self._once("dir", logging.ERROR, f"not connecting to {ep.path}: {problem}")
+                self._retry_later()
+                return
+        try:
+            sock, done = start_connect(self._endpoint)
+        except OSError as exc:
+            self._connect_failed(exc)
+            return
+        if done:
+            self._connection_up(sock, self._endpoint.describe())
+        else:
+            self._connecting = sock
+            self._poll.register(sock.fileno(), _OUT)
+
+    def _connect_done(self) -> None:
+        sock, self._connecting = self._connecting, None
+        assert sock is not None
+        self._poll.unregister(sock.fileno())
+        try:
+            finish_connect(sock)
+        except OSError as exc:
+            self._connect_failed(exc)
+            return
+        self._connection_up(sock, self._endpoint.describe())
+
+    def _connect_failed(self, exc: OSError) -> None:
+        if not self._said_waiting:
+            self.log.info(
+                "waiting for QEMU on %s (%s)", self._endpoint.describe(), exc.strerror or exc
+            )
+            self._said_waiting = True
+        self._retry_later()
+
+    def _retry_later(self) -> None:
+        self._retry_at = time.monotonic() + self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _once(self, key: str, level: int, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.log.log(level, "%s", message)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        got = self._listener.accept()
+        if got is None:
+            return
+        sock, peer = got
+        busy = self._conn is not None or self._handshake is not None
+        if busy or self._stopping_at is not None or self._done:
+            if busy:
+                self.log.warning(
+                    "refused a second connection on %s: the card is already served to one peer",
+                    self._endpoint.describe(),
+                )
+            sock.close()
+            return
+        self._connection_up(sock, peer)
+
+    def _connection_up(self, sock: socket.socket, peer: str) -> None:
+        if self._tls_ctx is not None and not isinstance(sock, ssl.SSLSocket):
+            self._start_tls(sock, peer)
+            return
+        if sock.family == socket.AF_UNIX:
+            uid = peers.peer_uid(sock)
+            if uid not in self._peer_uids:
+                sock.close()
+                self._once(
+                    f"uid:{uid}",
+                    logging.WARNING,
+                    f"refused the peer on {peer}: it runs as {peers.user_name(uid)}, not as an "
+                    f"accepted user ({peers.describe_uids(self._peer_uids)})",
+                )
+                if not self._endpoint.bridge_listens:
+                    self._retry_later()
+                return
+        self._said.clear()
+        self._said_waiting = False
+        self._retry_delay = RETRY_MIN
+        conn = Connection(sock, self._endpoint, peer)
+        self._conn = conn
+        self._out.clear()
+        self._reading = True
+        self._poll.register(conn.fd, _IN)
+        self.log.info("connected to QEMU (%s)", peer)
+        self.connected.set()
+        self._tell(ev.ConnectionOpened())
+
+    # -- TLS (APDU thread) ----------------------------------------------------------------
+
+    def _start_tls(self, sock: socket.socket, peer: str) -> None:
+        assert self._tls_ctx is not None
+        sock.setblocking(False)
+        listens = self._endpoint.bridge_listens
+        tsock = self._tls_ctx.wrap_socket(
+            sock,
+            server_side=listens,
+            do_handshake_on_connect=False,
+            server_hostname=None if listens else (self._endpoint.host or "localhost"),
+        )
+        self._handshake = TlsHandshake(tsock, peer, time.monotonic() + TLS_HANDSHAKE_TIMEOUT)
+        self._poll.register(self._handshake.fd, _IN | _OUT)
+        self._step_handshake()
+
+    def _step_handshake(self) -> None:
+        hs = self._handshake
+        assert hs is not None and self._endpoint.tls is not None
+        try:
+            waits = hs.step()
+        except (ssl.SSLError, OSError) as exc:
+            self._refuse_tls(tls_failure(exc))
+            return
+        if waits:
+            self._poll.modify(hs.fd, waits)
+            return
+        problem = tls.peer_name_problem(hs.sock, self._endpoint.tls)
+        if problem:
+            self._refuse_tls(problem)
+            return
+        self._poll.unregister(hs.fd)
+        self._handshake = None
+        names = dict.fromkeys(tls.certificate_names(hs.sock.getpeercert() or {}))
+        self.log.info("%s with %s, whose certificate names %s", hs.sock.version(), hs.peer,
+                      ", ".join(names) or "nobody")
+        self._connection_up(hs.sock, hs.peer)
+
+    def _refuse_tls(self, why: str) -> None:
+        """The peer gets nothing: not one VSCard byte was written to it."""
+        hs, self._handshake = self._handshake, None
+        assert hs is not None
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._poll.unregister(hs.fd)
+        with contextlib.suppress(OSError):
+            hs.sock.close()
+        self._once(f"tls:{why}", logging.WARNING, f"refused the TLS peer at {hs.peer}: {why}")
+        if not self._endpoint.bridge_listens:
+            self._retry_later()
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.recv()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._close_connection(exc.strerror or str(exc), tell=True)
+            return
+        if not data:
+            self._close_connection("closed by peer", tell=True)
+            return
+        self.session.receive_data(data)
+        self._act()
+
+    def _write(self, data: bytes) -> None:
+        conn = self._conn
+        if not data or conn is None:
+            return
+        if self._out:
+            self._out += data
+        else:
+            try:
+                sent = conn.send(data)
+            except OSError as exc:
+                self._close_connection(exc.strerror or str(exc), tell=True)
+                return
+            if sent == len(data):
+                return
+            self._out += data[sent:]
+        self._update_interest()
+
+    def _flush_out(self) -> None:
+        conn = self._conn
+        if conn is None or not self._out:
+            return
+        try:
+            sent = conn.send(self._out)
+        except OSError as exc:
+            self._close_connection(exc.strerror or str(exc), tell=True)
+            return
+        del self._out[:sent]
+        self._update_interest()
+
+    def _update_interest(self) -> None:
+        """Backpressure: while our output waits, take no new commands in."""
+        conn = self._conn
+        if conn is None:
+            return
+        reading = len(self._out) < OUT_HIGH_WATER if self._out else True
+        mask = (_IN if reading else 0) | (_OUT if self._out else 0)
+        self._reading = reading
+        self._poll.modify(conn.fd, mask)
+
+    def _close_connection(self, reason: str, tell: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._poll.unregister(conn.fd)
+        conn.close()
+        self._out.clear()
+        self.connected.clear()
+        self.synchronized.clear()
+        self._holds.clear()
+        if tell:
+            self.log.info("connection to QEMU closed (%s)", reason)
+            self._retry_at = time.monotonic() + RETRY_MIN
+            self._tell(ev.ConnectionClosed())
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

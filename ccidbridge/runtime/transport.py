@@ -1,10 +1,12 @@
 """The socket side: meet QEMU's chardev over TCP or a Unix socket.
 
 libvirt's ``<source mode='bind'>`` makes QEMU listen, so the bridge connects
-(and reconnects, with a backoff capped at 0.5 s, for as long as it runs);
+(and reconnects, with a backoff capped at RETRY_MAX, for as long as it runs);
 ``mode='connect'`` makes QEMU connect (``reconnect=``), so the bridge
-listens.  One peer per card at a time: while a connection is up a second one
-is refused (closed at once, logged) and the first keeps working.
+listens.  One peer per card at a time: the bridge refuses a second one.
+
+Everything here is plain non-blocking sockets for the bridge's APDU thread to
+poll (runtime/bridge.py): no event loop, no thread of its own.
 
 Security by default: a listening Unix socket is created 0600 (bound in a
 private 0700 directory, then renamed into place, so there is no window where
@@ -15,209 +17,202 @@ the card is then reachable from the network.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
-import ipaddress
-import logging
 import os
+import select
 import socket
+import ssl
 import stat
 import tempfile
-from typing import Protocol
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 
 #: Reconnect backoff: first retry after this, doubling up to RETRY_MAX.  The
-#: cap bounds how long a restarted QEMU waits for us (issue 6: <= 1 s from
-#: QEMU listening to the ATR acked, and the ATR itself waits
+#: cap bounds how long a restarted QEMU waits for us (docs/performance.md,
+#: recovery: QEMU listening to ATR acked within 1 s, and the ATR itself waits
 #: qemu.REINSERT_PAUSE after the resync).  A refused connect on loopback costs
 #: microseconds.
 RETRY_MIN = 0.05
 RETRY_MAX = 0.25
-
+#: One read takes at most this much; with the out-buffer limit below it bounds
+#: what a peer that stops reading can make the bridge hold (docs/performance.md).
+READ_SIZE = 4096
 
 class TransportError(Exception):
     """The endpoint cannot be used at all (bad path, address in use, ...)."""
 
 
-class Peer(Protocol):
-    """What a bridge does with its one connection."""
+class Connection:
+    """One connected socket to QEMU's chardev, non-blocking."""
 
-    def connection_up(self, transport: asyncio.Transport, peer: str) -> None: ...
-    def data(self, data: bytes) -> None: ...
-    def connection_down(self, reason: str) -> None: ...
-
-
-class _Connection(asyncio.Protocol):
-    """Forwards one socket's events to the bridge; cheap on the data path."""
-
-    def __init__(self, link: Link) -> None:
-        self._link = link
-        self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
-        self.data_received = link.peer.data  # type: ignore[method-assign]
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        sock = transport.get_extra_info("socket")
-        tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-        if tcp:
+    def __init__(self, sock: socket.socket, endpoint: Endpoint, peer: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        if self.tcp:
             # Small frames, each awaited by the other side: no Nagle stalls.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self._link.claim(self):
-            transport.abort()
-            self.data_received = lambda data: None  # type: ignore[method-assign]
-            return
-        if tcp and hasattr(socket, "TCP_QUICKACK"):
-            # QEMU's socket chardev has Nagle on (nodelay=off by default) and
-            # writes a frame's header and payload with two writes, so the
-            # payload waits for our ACK of the header — which delayed ACK holds
-            # back ~40 ms.  Measured: the handshake over TCP took 90 ms instead
-            # of 0.5 ms (benchmarks, recovery).  Re-arm QUICKACK after every read
-            # (Linux drops it by itself), as vpcd cards must (test-stack.md §3).
-            setsockopt, peer_data = sock.setsockopt, self._link.peer.data
-            level, opt = socket.IPPROTO_TCP, socket.TCP_QUICKACK
+        self._quickack = self.tcp and hasattr(socket, "TCP_QUICKACK")
 
-            def data_received(data: bytes) -> None:
-                setsockopt(level, opt, 1)
-                peer_data(data)
+    def recv(self) -> bytes:
+        """What arrived (b"" at EOF); raises BlockingIOError when nothing did."""
+        if self.tls:
+            return self._recv_tls()
+        data = self.sock.recv(READ_SIZE)
+        if self._quickack:
+            # QEMU's socket chardev has Nagle on and writes a frame's header and
+            # payload with two writes, so the payload waits for our ACK of the
+            # header, which delayed ACK holds back ~40 ms (protocol/VSCARD.md#Q17).
+            # Linux drops QUICKACK by itself: re-arm it after every read.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
 
-            self.data_received = data_received  # type: ignore[method-assign]
-        self.transport = transport
-        self._link.peer.connection_up(transport, _peer_name(transport, self._link.endpoint))
+    def _recv_tls(self) -> bytes:
+        """A TLS record may hold more than one read's worth: take what the TLS layer
+        already decrypted too, since poll() cannot see it."""
+        sock = self.sock
+        try:
+            data = sock.recv(READ_SIZE)
+            while data and sock.pending():  # type: ignore[attr-defined]
+                data += sock.recv(sock.pending())  # type: ignore[attr-defined]
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError() from None
+        except ssl.SSLZeroReturnError:
+            return b""
+        if self._quickack:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.transport is not None:
-            self.transport = None
-            self._link.release(self, f"{exc}" if exc else "closed by peer")
-        if not self.closed.done():
-            self.closed.set_result(None)
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Bytes written (0 when the socket buffer is full)."""
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
 
 
-def _peer_name(transport: asyncio.BaseTransport, endpoint: Endpoint) -> str:
+def peer_name(endpoint: Endpoint, address: object) -> str:
     if endpoint.kind == "unix":
         return endpoint.path or "unix socket"
-    peer = transport.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
 
 
-def is_loopback(host: str | None) -> bool:
-    if not host or host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def start_connect(endpoint: Endpoint) -> tuple[socket.socket, bool]:
+    """A non-blocking connect to QEMU's listening chardev: (socket, done).
+
+    ``done`` False: the connect is in progress; poll for POLLOUT, then
+    :func:`finish_connect`.  Raises OSError when it failed at once.
+    """
+    if endpoint.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: object = endpoint.path
+    else:
+        infos = socket.getaddrinfo(
+            endpoint.host or "localhost", endpoint.port, type=socket.SOCK_STREAM
+        )
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    err = sock.connect_ex(address)  # type: ignore[arg-type]
+    if err == 0:
+        return sock, True
+    if err in (errno.EINPROGRESS, errno.EAGAIN):
+        return sock, False
+    sock.close()
+    raise OSError(err, os.strerror(err))
 
 
-class Link:
-    """Keeps one card's connection to QEMU up, in either direction."""
+def finish_connect(sock: socket.socket) -> None:
+    """After POLLOUT on an in-progress connect: raise OSError if it failed."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        sock.close()
+        raise OSError(err, os.strerror(err))
 
-    def __init__(self, endpoint: Endpoint, peer: Peer, log: logging.Logger) -> None:
-        self.endpoint = endpoint
+
+class TlsHandshake:
+    """A TLS handshake under way on a new connection, driven by the APDU thread's poll.
+
+    :meth:`step` returns the poll events it waits for, 0 when done; it raises
+    ssl.SSLError/OSError when the handshake failed (the caller drops the peer).
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str, deadline: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
         self.peer = peer
-        self.log = log
-        self._active: _Connection | None = None
-        self._server: asyncio.AbstractServer | None = None
-        self._closing = False
+        self.deadline = deadline
 
-    # -- one connection at a time ------------------------------------------------
-
-    def claim(self, conn: _Connection) -> bool:
-        if self._closing:
-            return False
-        if self._active is not None:
-            self.log.warning(
-                "refused a second connection on %s: the card is already served to one peer",
-                self.endpoint.describe(),
-            )
-            return False
-        self._active = conn
-        return True
-
-    def release(self, conn: _Connection, reason: str) -> None:
-        if self._active is conn:
-            self._active = None
-            self.peer.connection_down(reason)
-
-    def close_connection(self) -> None:
-        if self._active is not None and self._active.transport is not None:
-            self._active.transport.abort()
-
-    def shut(self) -> None:
-        """No new connections from now on; close the current one."""
-        self._closing = True
-        self.close_connection()
-
-    # -- running -------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Serve until cancelled or :meth:`shut`."""
+    def step(self) -> int:
         try:
-            if self.endpoint.bridge_listens:
-                await self._listen()
-            else:
-                await self._connect_forever()
-        finally:
-            self.close_connection()
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return select.POLLIN
+        except ssl.SSLWantWriteError:
+            return select.POLLOUT
+        return 0
 
-    async def _connect_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = RETRY_MIN
-        said_waiting = False
-        ep = self.endpoint
-        while not self._closing:
-            try:
-                if ep.kind == "unix":
-                    _, conn = await loop.create_unix_connection(lambda: _Connection(self), ep.path)
-                else:
-                    _, conn = await loop.create_connection(
-                        lambda: _Connection(self), ep.host, ep.port
-                    )
-            except OSError as exc:
-                if not said_waiting:
-                    self.log.info("waiting for QEMU on %s (%s)", ep.describe(), _short(exc))
-                    said_waiting = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
-                continue
-            said_waiting = False
-            delay = RETRY_MIN
-            await conn.closed
 
-    async def _listen(self) -> None:
-        loop = asyncio.get_running_loop()
-        ep = self.endpoint
-        if ep.kind == "unix":
-            assert ep.path
-            sock = bind_private_unix(ep.path)
-            self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+def tls_failure(exc: BaseException) -> str:
+    """One line on why a TLS peer was refused."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate was refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        return f"the TLS handshake failed: {str(reason).replace('_', ' ').lower()}"
+    if isinstance(exc, OSError):
+        return f"the connection failed during the TLS handshake: {exc.strerror or exc}"
+    return str(exc)
+
+
+class Listener:
+    """The bridge's listening socket, for QEMU's connecting chardev."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        if endpoint.kind == "unix":
+            assert endpoint.path
+            self.sock = bind_private_unix(endpoint.path)
         else:
-            if not is_loopback(ep.host):
-                self.log.warning(
-                    "listening on %s:%s, which is not loopback: anyone who can reach it can "
-                    "use the card",
-                    ep.host,
-                    ep.port,
-                )
             try:
-                self._server = await loop.create_server(
-                    lambda: _Connection(self), ep.host, ep.port, reuse_address=True
+                infos = socket.getaddrinfo(
+                    endpoint.host or "localhost", endpoint.port, type=socket.SOCK_STREAM,
+                    flags=socket.AI_PASSIVE,
                 )
+                family, _, _, _, address = infos[0]
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+                sock.listen(4)
             except OSError as exc:
                 raise TransportError(
-                    f"cannot listen on {ep.host}:{ep.port}: {_short(exc)}"
+                    f"cannot listen on {endpoint.host}:{endpoint.port}: {_short(exc)}"
                 ) from None
-        self.log.info("listening on %s", ep.describe())
+            sock.setblocking(False)
+            self.sock = sock
+        self.fd = self.sock.fileno()
+
+    def accept(self) -> tuple[socket.socket, str] | None:
         try:
-            await asyncio.Future()  # until cancelled
-        finally:
-            self._server.close()
-            self.close_connection()
-            if ep.kind == "unix" and ep.path:
-                with contextlib.suppress(OSError):
-                    os.unlink(ep.path)
+            sock, address = self.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return None
+        return sock, peer_name(self.endpoint, address)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        if self.endpoint.kind == "unix" and self.endpoint.path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.endpoint.path)
 
 
 def _short(exc: OSError) -> str:
