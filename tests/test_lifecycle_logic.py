@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from ccidbridge.config.model import Endpoint, ReaderSpec, ServedCard
 from ccidbridge.lifecycle import hook, metadata, plan
 from ccidbridge.lifecycle.attach import AttachError, check_devices
 from ccidbridge.lifecycle.monitor import MonitorError
+from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard
 
 
 def _card(ep: Endpoint) -> ServedCard:

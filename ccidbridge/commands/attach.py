@@ -4,7 +4,6 @@ until SIGINT/SIGTERM, then unplug them (ccidbridge.lifecycle.attach)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 
@@ -22,7 +21,7 @@ def add_target_options(p: argparse.ArgumentParser) -> None:
                    help="the QMP Unix socket of a QEMU run by hand, instead of libvirt")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "attach", help="lend a running VM the config's card(s) until SIGINT/SIGTERM",
         description="Add the config's passthrough card(s) to a running domain (a USB CCID "
@@ -51,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return EXIT_CONFIG
+    if config.refused:
+        for refusal in config.refused:
+            print(refusal, file=sys.stderr)
+        return EXIT_CONFIG
     cards = config.served_cards()
     for lbl, reason in config.unserved():
         logging.getLogger("ccidbridge").warning("not attaching %s: %s", lbl, reason)
@@ -67,4 +70,4 @@ def run(args: argparse.Namespace) -> int:
     if not args.qmp:
         logging.getLogger("ccidbridge").warning("%s", TAINT_NOTE)
     trace = 0 if args.quiet else min(args.verbose, 2)
-    return asyncio.run(serve_attached(mon, cards, steps, lambda: Service(cards, trace=trace)))
+    return serve_attached(mon, cards, steps, Service(cards, trace=trace))

@@ -10,7 +10,7 @@ from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.commands.attach import add_target_options
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "detach", help="remove the card(s) an attach added to a VM",
         description="Remove the readers, cards and chardevs `ccidbridge attach` added to a "

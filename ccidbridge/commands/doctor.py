@@ -12,7 +12,7 @@ from ccidbridge.commands.attach import DEFAULT_URI
 DEFAULT_QEMU = "qemu-system-x86_64"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "doctor", help="check QEMU, pcscd, the readers, socket dirs and libvirt for a config",
         description="Check everything a config needs, one line per check with the fix: "

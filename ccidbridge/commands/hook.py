@@ -17,7 +17,7 @@ from ccidbridge.lifecycle import hook as lh
 UNIT_NAME = "ccidbridge@.service"
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "hook", help="libvirt's qemu hook (run by libvirtd, installed by install-hook)",
         description="Called by libvirtd as /etc/libvirt/hooks/qemu.d/ccidbridge with DOMAIN "
@@ -89,10 +89,14 @@ def run_hook(args: argparse.Namespace) -> int:
     cards = []
     if op in ("prepare", "started"):
         try:
-            cards = load(config_path).served_cards()
+            config = load(config_path)
         except ConfigError as exc:
             places.note(f"{domain}: not starting a bridge: {exc}")
             return 1 if op == "prepare" else 0  # prepare: libvirt refuses to start the domain
+        if config.refused:
+            places.note(f"{domain}: not starting a bridge: {'; '.join(config.refused)}")
+            return 1 if op == "prepare" else 0
+        cards = config.served_cards()
     action = lh.decide(op, sub, any(c.endpoint.bridge_listens for c in cards))
     if action.stop:
         if use_systemd:

@@ -18,21 +18,20 @@ The flow (rules A1-A4 in :mod:`ccidbridge.lifecycle.plan`):
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
+from typing import Protocol
 
 from ccidbridge.config import Config
-from ccidbridge.config.layout import layout
-from ccidbridge.config.model import ServedCard
 from ccidbridge.config.serving import label
 from ccidbridge.lifecycle import plan
 from ccidbridge.lifecycle.monitor import Monitor, MonitorError, QmpSocket, VirshMonitor, virsh_error
 from ccidbridge.lifecycle.sockets import in_use, now_listening, socket_file
+from ccidbridge.spec import ServedCard
 
 log = logging.getLogger("ccidbridge.attach")
 
@@ -78,6 +77,7 @@ def open_monitor(domain: str | None, uri: str, qmp: str | None) -> Monitor:
 
 
 def check_devices(mon: Monitor) -> None:
+    """QEMU has both devices, asked before anything is added."""
     for typename in ("usb-ccid", "ccid-card-passthru"):
         try:
             mon.execute("device-list-properties", {"typename": typename})
@@ -91,7 +91,7 @@ def check_devices(mon: Monitor) -> None:
 def reconnect_ms(mon: Monitor) -> bool:
     """QEMU 9.2 renamed the chardev's ``reconnect`` to ``reconnect-ms`` (as qemu_argv)."""
     q = mon.execute("query-version")["qemu"]
-    return (q["major"], q["minor"]) >= (9, 2)
+    return bool((q["major"], q["minor"]) >= (9, 2))
 
 
 def our_objects(mon: Monitor) -> plan.Found:
@@ -136,17 +136,12 @@ def check_sockets(cards: list[ServedCard]) -> None:
 def check_cards(cards: list[ServedCard]) -> None:
     """Each card's reader is there and holds a card (the bridge would wait for one)."""
     try:
-        from ccidbridge.card.pcsc import (
-            PcscUnavailable,
-            atr_matches,
-            describe_spec,
-            list_readers,
-            reader_matches,
-        )
+        from ccidbridge.card.choice import atr_matches, describe_spec, reader_matches
+        from ccidbridge.card.listing import PcscUnavailable, reader_infos
     except ImportError as exc:
         raise AttachError(f"pyscard is not usable: {exc}") from None
     try:
-        readers = list_readers()
+        readers = reader_infos()
     except PcscUnavailable as exc:
         raise AttachError(f"{exc}: start pcscd (`systemctl start pcscd.socket`)") from None
     for card in cards:
@@ -165,12 +160,12 @@ def check_cards(cards: list[ServedCard]) -> None:
 
 def reconnects(config: Config, cards: list[ServedCard]) -> list[int | None]:
     """The config's ``<reconnect timeout=>`` of each served card (A4)."""
-    by_label = {}
-    for placed in layout(config.devices).cards:
+    by_label: dict[str, int | None] = {}
+    for placed in config.layout.cards:
         chardev = placed.card.chardev
         src = chardev.source if chardev is not None else None
         rc = src.reconnect if src is not None else None
-        by_label[label(config, placed)] = (rc.timeout if rc.enabled else 0) if rc else None
+        by_label[label(config.path, placed)] = (rc.timeout if rc.enabled else 0) if rc else None
     return [by_label.get(card.label) for card in cards]
 
 
@@ -222,70 +217,89 @@ def remove(mon: Monitor, cards: set[plan.CardIds], timeout: float = REMOVE_TIMEO
 
 
 def _undo(mon: Monitor, applied: list[plan.Step]) -> None:
-    cards = {plan.parse_id(step.creates)[0] for step in applied}  # type: ignore[index]
+    cards = set()
+    for step in applied:
+        parsed = plan.parse_id(step.creates)
+        assert parsed is not None
+        cards.add(parsed[0])
     for problem in remove(mon, cards):
         log.error("detach: %s", problem)
 
 
-async def _wait_listening(cards: list[ServedCard], service_task: asyncio.Task,
-                          before: list[tuple[int, int] | None]) -> bool:
+def _wait_listening(cards: list[ServedCard], stopped: threading.Event,
+                    before: list[tuple[int, int] | None]) -> bool:
     deadline = time.monotonic() + LISTEN_TIMEOUT
     for card, old in zip(cards, before, strict=True):
         while card.endpoint.bridge_listens and not now_listening(card.endpoint, old):
-            if service_task.done() or time.monotonic() > deadline:
+            if stopped.is_set() or time.monotonic() > deadline:
                 return False
-            await asyncio.sleep(0.02)
+            time.sleep(0.02)
     return True
 
 
-async def serve_attached(
-    mon: Monitor,
-    cards: list[ServedCard],
-    steps: list[plan.Step],
-    make_service: Callable[[], object],
-) -> int:
-    """Run the Service, attach the devices, serve until a signal, then detach."""
-    loop = asyncio.get_running_loop()
-    early: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, early.append, sig)
-    before = [socket_file(c.endpoint.path) if c.endpoint.path else None for c in cards]
-    service = make_service()
-    task = asyncio.create_task(service.run())  # type: ignore[attr-defined]
-    await asyncio.sleep(0)  # Service.run now owns SIGINT/SIGTERM
-    if early:
-        signal.raise_signal(signal.SIGTERM)
-    applied: list[plan.Step] = []
-    failure = None
-    if not await _wait_listening(cards, task, before):
-        failure = "the bridge did not start listening (see the lines above)"
-    else:
+class _Attacher(threading.Thread):
+    """Adds the devices while the Service runs on the main thread (it owns the signals)."""
+
+    def __init__(self, mon: Monitor, cards: list[ServedCard], steps: list[plan.Step],
+                 service: Stoppable, stopped: threading.Event) -> None:
+        super().__init__(name="ccidbridge-attach", daemon=True)
+        self.mon, self.cards, self.steps = mon, cards, steps
+        self.service, self.stopped = service, stopped
+        self.before = [socket_file(c.endpoint.path) if c.endpoint.path else None for c in cards]
+        self.applied: list[plan.Step] = []
+        self.failure: str | None = None
+
+    def run(self) -> None:
         try:
-            for step in steps:
-                if task.done():
-                    failure = "the bridge stopped while attaching (see the lines above)"
-                    break
-                await asyncio.to_thread(mon.execute, step.command, step.arguments)
-                applied.append(step)
+            if not _wait_listening(self.cards, self.stopped, self.before):
+                if not self.stopped.is_set():
+                    self.failure = "the bridge did not start listening (see the lines above)"
+                return
+            for step in self.steps:
+                if self.stopped.is_set():
+                    return
+                self.mon.execute(step.command, step.arguments)
+                self.applied.append(step)
+            log.info("attached %d card(s) to %s: the guest sees the reader(s); SIGINT/SIGTERM "
+                     "detaches", len(self.cards), self.mon.where)
         except MonitorError as exc:
-            failure = plan.explain(str(exc), mon.where)
-    if failure is None:
-        log.info("attached %d card(s) to %s: the guest sees the reader(s); SIGINT/SIGTERM "
-                 "detaches", len(cards), mon.where)
-    else:
-        log.error("attach failed: %s", failure)
-        if not task.done():
-            signal.raise_signal(signal.SIGTERM)  # the Service's own way to stop
-    rc = await task
-    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut the detach
-        loop.add_signal_handler(sig, log.warning, "still detaching; one moment")
+            self.failure = plan.explain(str(exc), self.mon.where)
+        finally:
+            if self.failure is not None:
+                log.error("attach failed: %s", self.failure)
+                self.service.request_stop()
+
+
+class Stoppable(Protocol):
+    def run(self) -> int: ...
+    def request_stop(self) -> None: ...
+
+
+def serve_attached(mon: Monitor, cards: list[ServedCard], steps: list[plan.Step],
+                   service: Stoppable) -> int:
+    """Run the Service, attach the devices beside it, serve until a signal, then detach.
+
+    Call on the main thread: the Service takes SIGINT/SIGTERM while it runs; before
+    it starts and during the detach, the handlers here keep a signal from cutting
+    the process short with devices left in QEMU.
+    """
+    stopped = threading.Event()
+    early = {sig: signal.signal(sig, lambda *_: service.request_stop())
+             for sig in (signal.SIGINT, signal.SIGTERM)}
+    attacher = _Attacher(mon, cards, steps, service, stopped)
     try:
+        attacher.start()
+        rc = service.run()
+        stopped.set()
+        for sig in early:  # a second signal must not cut the detach
+            signal.signal(sig, lambda *_: log.warning("still detaching; one moment"))
+        attacher.join()  # its current monitor command ends within COMMAND_TIMEOUT
         log.info("detaching from %s", mon.where)
-        await asyncio.to_thread(_undo, mon, applied)
+        _undo(mon, attacher.applied)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-    if failure is not None:
+        for sig, handler in early.items():
+            signal.signal(sig, handler)
+    if attacher.failure is not None:
         return 1
     log.info("detached: the reader is gone from %s", mon.where)
     return rc

@@ -62,7 +62,8 @@ class VirshMonitor:
         self.uri = uri
         self.where = f"domain {domain}"
 
-    def virsh(self, *args: str, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
+    def virsh(self, *args: str,
+              timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(["virsh", "-q", "-c", self.uri, *args], capture_output=True,
                                   text=True, timeout=timeout, stdin=subprocess.DEVNULL)
@@ -119,7 +120,8 @@ class QmpSocket:
             if len(self._buf) > 16 << 20:
                 raise MonitorError(f"{self.path}: a QMP line over 16 MiB")
         line, _, self._buf = self._buf.partition(b"\n")
-        return json.loads(line)
+        reply: dict[str, Any] = json.loads(line)
+        return reply
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         try:

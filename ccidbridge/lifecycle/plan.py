@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ccidbridge.config.model import Endpoint, ServedCard
+from ccidbridge.spec import Endpoint, ServedCard
 
 PREFIX = "ccidbridge-"
 ROLES = ("ccid", "char", "card")

@@ -13,7 +13,6 @@ import subprocess
 
 from lxml import etree
 
-from ccidbridge.config.model import ServedCard
 from ccidbridge.lifecycle.doctor import (
     CardNeed,
     Client,
@@ -23,6 +22,7 @@ from ccidbridge.lifecycle.doctor import (
     ReaderFacts,
     SocketDir,
 )
+from ccidbridge.spec import ServedCard, Share
 
 PCSCD = "/usr/sbin/pcscd"
 PCSCD_SOCKET = "/run/pcscd/pcscd.comm"
@@ -30,6 +30,7 @@ TIMEOUT = 20
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``argv`` to the end, text output, bounded."""
     return subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT,
                           stdin=subprocess.DEVNULL)
 
@@ -87,11 +88,11 @@ def pcsc(version: str | None) -> PcscFacts:
     try:
         from smartcard import scard
 
-        from ccidbridge.card.pcsc import PcscUnavailable, list_readers
+        from ccidbridge.card.listing import PcscUnavailable, reader_infos
     except ImportError as exc:
         return PcscFacts(False, error=f"pyscard is not usable: {exc}", version=version)
     try:
-        infos = list_readers()
+        infos = reader_infos()
     except PcscUnavailable as exc:
         return PcscFacts(False, error=str(exc), version=version)
     readers = []
@@ -116,8 +117,7 @@ def pcsc(version: str | None) -> PcscFacts:
 
 
 def card_needs(cards: list[ServedCard], p: PcscFacts) -> list[CardNeed]:
-    from ccidbridge.card.pcsc import atr_matches, describe_spec, reader_matches
-    from ccidbridge.config.model import Share
+    from ccidbridge.card.choice import atr_matches, describe_spec, reader_matches
 
     out = []
     for card in cards:

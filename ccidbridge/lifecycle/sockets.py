@@ -17,7 +17,7 @@ import os
 import socket
 import stat
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 
 _TCP_LISTEN = "0A"
 
