@@ -196,6 +196,16 @@ class Libvirtd:
                                           dir=self.stack.path("/run")))
         self.log = self.root / "libvirtd.log"
         self._mounts = make_private(self.root / "private", self.cache_dir, self.stack)
+        self.hooks_dir.mkdir(exist_ok=True)
+        self._start_daemon()
+        return self
+
+    @property
+    def hooks_dir(self) -> Path:
+        """libvirt's hook directory, inside the private /etc/libvirt (of the stack's root)."""
+        return self.stack.path("/etc/libvirt/hooks")
+
+    def _start_daemon(self) -> None:
         inside = self.stack.inside
         conf = self.root / "libvirtd.conf"
         conf.write_text(
@@ -220,13 +230,13 @@ class Libvirtd:
             probe = subprocess.run(self.stack.command(["virsh", "-c", URI, "version"]),
                                    capture_output=True)
             if probe.returncode == 0:
-                return self
+                return
             if time.monotonic() > deadline:
                 self.stop()
                 raise LibvirtdError(f"libvirtd not ready after {self.start_timeout} s")
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def _stop_daemon(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             running = self.virsh("list", "--name").stdout.split()
             for name in running:  # the reaper waits for every QEMU libvirt started
@@ -238,6 +248,15 @@ class Libvirtd:
                 os.kill(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
         self._proc = None
+
+    def restart(self) -> None:
+        """Stop the daemon (and its domains) and start it again on the same private
+        state: libvirtd looks for hooks (:attr:`hooks_dir`) only when it starts."""
+        self._stop_daemon()
+        self._start_daemon()
+
+    def stop(self) -> None:
+        self._stop_daemon()
         if self._mounts is not None:
             self._mounts.undo()
             self._mounts = None

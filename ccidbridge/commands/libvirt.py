@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.commands.versions import COVERED, add_version_options, target_of
 from ccidbridge.config.layout import layout
 from ccidbridge.config.libvirt_xml import render
+from ccidbridge.lifecycle import metadata
+
+DEVICES_HEAD = "<!-- paste into the domain's <devices>: -->"
+METADATA_HEAD = ("<!-- paste into the domain's <metadata> (create it): ccidbridge's libvirt hook "
+                 "starts the bridge with the domain -->")
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -27,6 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="leave out the USB ports, virtio-serial controller and ports libvirt assigns "
         "itself, for a domain that already has USB devices or a virtio-serial controller",
     )
+    parser.add_argument(
+        "--metadata", metavar="PATH",
+        help="also print the domain <metadata> element naming the config at PATH (absolute), "
+        "so ccidbridge's libvirt hook starts and stops the bridge with the domain",
+    )
     parser.set_defaults(func=run)
 
 
@@ -34,8 +45,18 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return EXIT_CONFIG
+    if args.metadata is not None and not os.path.isabs(args.metadata):
+        print(f"ccidbridge: --metadata {args.metadata}: give an absolute path (the hook runs "
+              "in libvirtd's directory, not this one)", file=sys.stderr)
+        return EXIT_CONFIG
     target = target_of(args)
     if target is None:
         return EXIT_CONFIG
-    sys.stdout.write(render(layout(config.devices, target.libvirt), target, portable=args.portable))
+    devices = render(layout(config.devices, target.libvirt), target, portable=args.portable)
+    if args.metadata is None:
+        sys.stdout.write(devices)
+        return 0
+    if not devices.startswith(DEVICES_HEAD):
+        devices = DEVICES_HEAD + "\n" + devices
+    sys.stdout.write(devices + METADATA_HEAD + "\n  " + metadata.render(args.metadata) + "\n")
     return 0
