@@ -15,7 +15,7 @@ listening as with libvirt's ``mode='bind'``) is SIGKILLed and, after a pause
 that varies per cycle (:data:`DOWN_TIMES`, so every phase of the bridge's
 reconnect backoff is hit), started again on the same socket.  Measured from
 the first moment the new QEMU listens (polled every 0.5 ms from this
-process) to the bridge's ``AtrAccepted`` debug log line arriving here (QEMU
+process) to the bridge's debug line for ``AtrAccepted`` arriving here (QEMU
 acked the ATR; the line travels through a pipe, so this errs on the late
 side).  Since session rule R10 the figure includes a deliberate pause
 (``qemu.REINSERT_PAUSE``, 0.5 s): after a resync the card is announced only
@@ -162,6 +162,10 @@ def run_events(cycles: int = 10) -> dict[str, object]:
     }
 
 
+#: The bridge's debug log line for the session's AtrAccepted (QEMU acked the ATR).
+ATR_ACKED = "QEMU accepted the ATR"
+
+
 def _listening(kind: str, where: str | int) -> bool:
     from lab.qemu import tcp_listening, unix_listening
 
@@ -210,7 +214,7 @@ def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict
                 capture=True,
             )
             kids.append(bridge)
-            bridge.wait_line("AtrAccepted", timeout=15)
+            bridge.wait_line(ATR_ACKED, timeout=15)
             for down in down_times:
                 qemu.kill()
                 t_kill = time.perf_counter()
@@ -231,7 +235,7 @@ def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict
                 qemu = QemuPassthru(kind, endpoints=[ep], workdir=tmp).start()
                 poller.join(10)
                 stop.set()
-                t_sync = bridge.wait_line("AtrAccepted", after=t_kill, timeout=15)
+                t_sync = bridge.wait_line(ATR_ACKED, after=t_kill, timeout=15)
                 t_listen = seen[0]
                 after_listen.append((t_sync - t_listen) * 1e9)
                 kill_to_listen.append((t_listen - t_kill) * 1e9)
