@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import signal
 import sys
 import time
@@ -33,6 +34,39 @@ ITEM_BUDGET = 600
 
 class ItemTimeout(Exception):
     pass
+
+
+def _commit() -> str:
+    """The commit measured, with ``+changes`` if the work tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--",
+                "ccidbridge",
+                "benchmarks",
+                "lab",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + ("+changes" if dirty else "")  # fmt: skip
 
 
 def _alarm(signum: int, frame: object) -> None:
@@ -263,11 +297,13 @@ def main(argv: list[str] | None = None) -> int:
         "started": started.isoformat(timespec="seconds"),
         "machine": machine(),
         "vscclient": vscclient.info(),
+        "commit": _commit(),
         "quick": args.quick,
         "targets": {k: TARGETS[k] for k in items},
         "results": {},
         "met": {},
         "seconds": {},
+        "load": {},
     }
     m = out["machine"]
     print(
@@ -293,12 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             signal.alarm(0)
         out["seconds"][name] = round(time.monotonic() - t0, 1)
+        out["load"][name] = os.getloadavg()  # the machine is shared: how busy it was
         out["results"][name] = res
         lines, ok = report(res)
         out["met"][name] = ok
         print("\n".join(lines), flush=True)
         print(f"  ({out['seconds'][name]} s)", flush=True)
-    out["machine"]["loadavg_end"] = __import__("os").getloadavg()
+    out["machine"]["loadavg_end"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(f"\nJSON: {args.json}")

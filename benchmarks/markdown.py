@@ -342,6 +342,26 @@ SECTIONS = {
 }
 
 
+def _vscclient_line(run: dict) -> list[str]:
+    v = run.get("vscclient") or {}
+    if not v:
+        return []
+    return [
+        "",
+        f"vscclient: libcacard {v['libcacard']} from Debian 12's source package, "
+        f"`-Dpcsc={v['pcsc']}`, built by `make bench-deps` in {v['seconds']:g} s "
+        "(download and build; cached after that).",
+    ]
+
+
+def _load_line(run: dict) -> list[str]:
+    load = run.get("load") or {}
+    if not load:
+        return []
+    parts = ", ".join(f"{k} {v[0]:.2f}" for k, v in load.items())
+    return ["", f"Load average (1 min) at the end of each item: {parts}."]
+
+
 def render(run: dict) -> str:
     r = run["results"]
     m = run["machine"]
@@ -351,6 +371,8 @@ def render(run: dict) -> str:
         f"vpcd {m['vsmartcard-vpcd']}, QEMU {m['qemu']}; load average "
         f"{m['loadavg'][0]:.2f} at the start, {m.get('loadavg_end', [float('nan')])[0]:.2f} at "
         "the end.",
+        *_vscclient_line(run),
+        *_load_line(run),
         "",
         "#### Summary",
         "",
