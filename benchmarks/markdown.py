@@ -110,7 +110,7 @@ def summary(r: dict) -> list[str]:
 def _ratio(q: dict | None) -> str:
     if q is None:
         return "–"
-    return f"{q['median']:.2f} ({q['min']:.2f}–{q['max']:.2f})"
+    return f"{q['median']:.2f} [{q['q1']:.2f}–{q['q3']:.2f}] ({q['min']:.2f}–{q['max']:.2f})"
 
 
 def _where(label: str) -> str:
@@ -140,14 +140,17 @@ def apdu_summary(a: dict) -> list[str]:
             f"socket (median of per-round ratios) | ≤ {most:.2f} | **{_span(p)}** pinned, "
             f"{_span(f)} free | {met} |"
         )
-    bw = [v["per_apdu"]["bridge"]["wakeups"] for v in a.values()]
-    rw = [v["per_apdu"]["relay"]["wakeups"] for v in a.values()]
+
+    def rng(who: str, key: str) -> str:
+        return _span([v["per_apdu"][who][key] for v in a.values()])
+
     met = all(v["per_apdu"]["bridge"]["wakeups"] <= v["per_apdu"]["relay"]["wakeups"]
               for v in a.values())  # fmt: skip
     out.append(
         "| 1 | wake-ups per APDU (voluntary + involuntary context switches), bridge vs relay "
-        f"| ≤ the relay's | bridge {min(bw):.1f}–{max(bw):.1f}, relay {min(rw):.1f}–{max(rw):.1f} "
-        f"| {'met' if met else '**missed**'} |"
+        f"| ≤ the relay's | voluntary {rng('bridge', 'voluntary')} vs "
+        f"{rng('relay', 'voluntary')}, involuntary {rng('bridge', 'involuntary')} vs "
+        f"{rng('relay', 'involuntary')} | {'met' if met else '**missed**'} |"
     )
     return out
 
@@ -168,8 +171,8 @@ def apdu(r: dict) -> list[str]:
         + " |"
     )
     out = [
-        "Ratios: the median of the per-round ratios of block medians, (min–max) over the "
-        "rounds; the quartiles are in the JSON.",
+        "Ratios: the median of the per-round ratios of block medians, [quartiles] and "
+        "(min–max) over the rounds.",
         "",
         head,
         "|" + "---|" * (1 + len(APDU_COLUMNS) + len(APDU_RATIOS)),
