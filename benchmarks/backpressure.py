@@ -23,7 +23,6 @@ Reported, VmRSS of the bridge process:
 
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
 import struct
@@ -34,10 +33,8 @@ from benchmarks.common import (
     Child,
     Peer,
     apdu_frame,
-    children,
     counters,
-    spawn,
-    workdir,
+    one_card_bridge,
 )
 
 #: The most APDUs the peer sends unread (the old runtime's figure).
@@ -119,52 +116,35 @@ def _stall(peer: Peer, bridge: Child, frame: bytes) -> dict[str, float]:
 
 
 def run_backpressure() -> dict[str, object]:
-    from lab.pcsc import PcscStack
-
     frame = apdu_frame(GET_CHALLENGE)
-    with PcscStack(1, debug=False) as stack, workdir() as tmp, children() as kids:
-        card = stack.insert_card(process=True)
-        peer = Peer("unix", tmp)
-        try:
-            bridge = spawn(
-                "bridge",
-                ["-m", "benchmarks.servers", "bridge", "--endpoint", peer.arg,
-                 "--reader", card.reader],
-            )  # fmt: skip
-            kids.append(bridge)
-            peer.accept()
-            peer.handshake()
-            time.sleep(0.5)
-            idle = bridge.rss_kib() / 1024
-            first = _stall(peer, bridge, frame)
-            assert peer.sock is not None
-            if first["rest"]:
-                peer.sock.sendall(frame[-int(first["rest"]) :])
-            n = int(first["apdus_sent"]) + (1 if first["rest"] else 0)
-            t0 = time.monotonic()
-            good = _read_answers(peer.sock, n)
-            drained_s = time.monotonic() - t0
-            if good != n:
-                raise RuntimeError(f"backpressure: {good} of {n} answers were 90 00")
-            after_read = bridge.rss_kib() / 1024
-            t0 = time.monotonic()
-            for _ in range(1000):
-                peer.roundtrip(frame)
-            closed_loop_s = time.monotonic() - t0
-            after_more = bridge.rss_kib() / 1024
-            # Stalled again, and this time the peer goes away without reading.
-            second = _stall(peer, bridge, frame)
-            peer.sock.close()
-            peer.sock = None
-            peer.accept()
-            peer.handshake()
-            for _ in range(1000):
-                peer.roundtrip(frame)
-            after_gone = bridge.rss_kib() / 1024
-        finally:
-            peer.close()
-            with contextlib.suppress(Exception):
-                card.close()
+    with one_card_bridge() as (peer, bridge):
+        time.sleep(0.5)
+        idle = bridge.rss_kib() / 1024
+        first = _stall(peer, bridge, frame)
+        assert peer.sock is not None
+        if first["rest"]:
+            peer.sock.sendall(frame[-int(first["rest"]) :])
+        n = int(first["apdus_sent"]) + (1 if first["rest"] else 0)
+        t0 = time.monotonic()
+        good = _read_answers(peer.sock, n)
+        drained_s = time.monotonic() - t0
+        if good != n:
+            raise RuntimeError(f"backpressure: {good} of {n} answers were 90 00")
+        after_read = bridge.rss_kib() / 1024
+        t0 = time.monotonic()
+        for _ in range(1000):
+            peer.roundtrip(frame)
+        closed_loop_s = time.monotonic() - t0
+        after_more = bridge.rss_kib() / 1024
+        # Stalled again, and this time the peer goes away without reading.
+        second = _stall(peer, bridge, frame)
+        peer.sock.close()
+        peer.sock = None
+        peer.accept()
+        peer.handshake()
+        for _ in range(1000):
+            peer.roundtrip(frame)
+        after_gone = bridge.rss_kib() / 1024
     return {
         "idle_mib": idle,
         "stall": first,

@@ -348,6 +348,31 @@ class Peer:
 
 
 @contextlib.contextmanager
+def one_card_bridge() -> Iterator[tuple[Peer, Child]]:
+    """A bridge process serving one vpcd test card over a Unix socket, and its
+    peer, through the handshake: what the memory items measure."""
+    from lab.pcsc import PcscStack
+
+    with PcscStack(1, debug=False) as stack, workdir() as tmp, children() as kids:
+        card = stack.insert_card(process=True)
+        peer = Peer("unix", tmp)
+        try:
+            bridge = spawn(
+                "bridge",
+                ["-m", "benchmarks.servers", "bridge", "--endpoint", peer.arg,
+                 "--reader", card.reader],
+            )  # fmt: skip
+            kids.append(bridge)
+            peer.accept()
+            peer.handshake()
+            yield peer, bridge
+        finally:
+            peer.close()
+            with contextlib.suppress(Exception):
+                card.close()
+
+
+@contextlib.contextmanager
 def pinned(cpu: int | None) -> Iterator[str]:
     """Run this process (and every process and thread it starts meanwhile:
     pcscd, cards, bridges, servers) on one CPU, or leave scheduling free.

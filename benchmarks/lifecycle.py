@@ -29,7 +29,6 @@ Growth is 100k minus idle; 100k minus 10k shows whether it keeps growing.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -40,6 +39,7 @@ from benchmarks.common import (
     Peer,
     apdu_frame,
     children,
+    one_card_bridge,
     spawn,
     summary,
     workdir,
@@ -256,38 +256,21 @@ def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict
 
 
 def run_memory(apdus: int = 100_000) -> dict[str, object]:
-    from lab.pcsc import PcscStack
-
     frame = apdu_frame(GET_CHALLENGE)
-    with PcscStack(1, debug=False) as stack, workdir() as tmp, children() as kids:
-        card = stack.insert_card(process=True)
-        peer = Peer("unix", tmp)
-        try:
-            bridge = spawn(
-                "bridge",
-                ["-m", "benchmarks.servers", "bridge", "--endpoint", peer.arg,
-                 "--reader", card.reader],
-            )  # fmt: skip
-            kids.append(bridge)
-            peer.accept()
-            peer.handshake()
-            time.sleep(1.0)
-            idle = bridge.rss_kib()
-            rt = peer.roundtrip
-            t0 = time.perf_counter()
-            for _ in range(10_000):
-                rt(frame)
-            warm = bridge.rss_kib()
-            for _ in range(apdus - 10_000):
-                rt(frame)
-            seconds = time.perf_counter() - t0
-            after = bridge.rss_kib()
-            if peer.last_answer()[-2:] != b"\x90\x00":
-                raise RuntimeError("memory: bad answer")
-        finally:
-            peer.close()
-            with contextlib.suppress(Exception):
-                card.close()
+    with one_card_bridge() as (peer, bridge):
+        time.sleep(1.0)
+        idle = bridge.rss_kib()
+        rt = peer.roundtrip
+        t0 = time.perf_counter()
+        for _ in range(10_000):
+            rt(frame)
+        warm = bridge.rss_kib()
+        for _ in range(apdus - 10_000):
+            rt(frame)
+        seconds = time.perf_counter() - t0
+        after = bridge.rss_kib()
+        if peer.last_answer()[-2:] != b"\x90\x00":
+            raise RuntimeError("memory: bad answer")
     return {
         "idle_mib": idle / 1024,
         "after_10k_mib": warm / 1024,
