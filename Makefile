@@ -9,9 +9,9 @@ BENCH_PACKAGES := $(shell sed 's/\#.*//' .ci/bench-packages)
 ISOLATED := .ci/isolated
 READER   ?=
 
-.PHONY: setup deps venv guest test demo bench bench-deps lint examples clean
+.PHONY: setup deps venv guest wheelhouse test typecheck demo bench bench-deps lint examples clean
 
-setup: deps venv guest
+setup: deps venv guest wheelhouse
 
 # The test guest (Debian kernel + initramfs) is built into .cache/guest before
 # entering the namespace: the kernel download needs the network, which
@@ -33,6 +33,16 @@ endef
 deps:
 	$(call install-missing,$(PACKAGES))
 
+# The wheel test (tests/test_wheel.py) builds the wheel and installs it into a
+# fresh venv inside .ci/isolated, which has no network: the build backend and
+# the runtime dependencies are fetched (and pyscard compiled) here, once.
+WHEELHOUSE := .cache/wheelhouse
+wheelhouse: $(WHEELHOUSE)/.complete
+
+$(WHEELHOUSE)/.complete: pyproject.toml | venv
+	$(PY) -m lab.wheelhouse $(WHEELHOUSE)
+	touch $@
+
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -41,9 +51,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-test: setup
+test: setup typecheck
 	$(VENV)/bin/ruff check ccidbridge lab tests benchmarks
 	$(ISOLATED) $(VENV)/bin/pytest -q
+
+# mypy --strict on ccidbridge/ (settings in pyproject.toml's [tool.mypy]).
+typecheck: venv
+	$(VENV)/bin/mypy
 
 # Without READER: a private pcscd + vicc inside the namespace.  With READER:
 # the machine's own pcscd and the card in that reader (nothing isolated to hide it).

@@ -1,7 +1,8 @@
-"""``python -m benchmarks [ITEM...]``: run issue 6's benchmarks, print a table, write JSON.
+"""``python -m benchmarks [ITEM...]``: run the benchmarks (docs/performance.md), print tables, JSON.
 
 Items (all by default, in this order): apdu, overhead, events, recovery,
-memory, backpressure, scale, codec.  Run inside ``.ci/isolated`` (``make bench``): the
+memory, backpressure, scale, codec, config.  Run inside ``.ci/isolated`` (``make
+bench``): the
 items that need pcscd start a private one.  ``--quick`` makes every item
 smaller (a smoke run: numbers are noisier).  JSON goes to
 ``benchmarks/results/latest.json`` unless ``--json`` says otherwise.
@@ -23,7 +24,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import apdu, backpressure, codec, lifecycle, scale, vscclient
+from benchmarks import apdu, backpressure, codec, config, lifecycle, scale, vscclient
 from benchmarks.common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -84,6 +85,7 @@ TARGETS = {
     " APDU answered once it reads again",
     "scale": "16-card p99 / single-card p99 <= 1.5",
     "codec": "(no target: msg/s against a plain struct codec)",
+    "config": "linear: load time per KiB at 1 MiB <= 2x that at 16 KiB",
 }
 
 
@@ -99,7 +101,7 @@ def _dist_head() -> str:
     return f"  {'':<28}{'median µs':>12}{'p99 µs':>12}{'n':>8}"
 
 
-#: Issue 10's goals for item 1 (reported against, not asserted): numerator,
+#: The goals of item 1 (docs/performance.md#B1; reported against, not asserted): numerator,
 #: denominator, socket, the most the per-round median ratio may be.
 APDU_GOALS = (("bridge", "relay", "unix", 1.10), ("bridge", "vscclient", "tcp", 1.00))
 APDU_ROWS = ("bridge", "relay", "session relay", "vscclient", "direct", "socket floor", "floor")
@@ -110,7 +112,7 @@ def _spread(q: dict) -> str:
 
 
 def apdu_goals(res: dict, sock: str) -> list[tuple[str, bool]]:
-    """(what, met) for each of issue 10's goals that applies to one configuration."""
+    """(what, met) for each APDU goal (docs/performance.md#B1) that applies to one configuration."""
     out = []
     for a, b, on, most in APDU_GOALS:
         q = res["ratios"].get(f"{a}/{b}")
@@ -257,6 +259,15 @@ def report_codec(r: dict) -> tuple[list[str], bool]:
     return ["  " + line for line in codec.report(r)], True
 
 
+def report_config(r: dict) -> tuple[list[str], bool]:
+    ok = True
+    for by_size in r.values():
+        sizes = sorted(by_size, key=int)
+        per_kib = {s: by_size[s] / int(s) for s in sizes}
+        ok &= per_kib[sizes[-1]] <= 2 * per_kib[next(s for s in sizes if int(s) >= 16 << 10)]
+    return ["  " + line for line in config.report(r)] + [f"  {'MET' if ok else 'MISSED'}"], ok
+
+
 def _codec() -> dict:
     return codec.measure()
 
@@ -276,6 +287,7 @@ ITEMS: dict[str, tuple[Callable[[bool], dict], Callable[[dict], tuple[list[str],
         report_scale,
     ),
     "codec": (lambda q: _codec(), report_codec),
+    "config": (lambda q: config.measure(2 if q else config.RUNS), report_config),
 }
 
 

@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 from lab.twin import QemuDevice
 
 ROOT = Path(__file__).resolve().parent.parent
 _HDR = struct.Struct(">III")
 APDU_TYPE = 7
-#: GET CHALLENGE for 8 bytes: what test-stack.md §4's baselines used; every
+#: GET CHALLENGE for 8 bytes: what the direct-pyscard baselines use; every
 #: card here answers it with 8 bytes + 90 00.
 GET_CHALLENGE = bytes.fromhex("0084000008")
 

@@ -120,7 +120,7 @@ def _where(label: str) -> str:
 
 
 def apdu_summary(a: dict) -> list[str]:
-    """Issue 10's goals, judged on the per-round median ratios."""
+    """The APDU goals (docs/performance.md#B1), judged on the per-round median ratios."""
     out = []
     pin = {k: v for k, v in a.items() if not k.startswith("free")}
     free = {k: v for k, v in a.items() if k.startswith("free")}

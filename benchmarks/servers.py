@@ -15,7 +15,7 @@ type and direction, each in a process of its own like ``ccidbridge run``:
 ``echo``
     Less than that: every byte read is written straight back.
 ``relay``
-    The calibration point of issue 6: a minimal blocking relay, one loop
+    The calibration point of the APDU targets: a minimal blocking relay, one loop
     that reads a frame, calls SCardTransmit and writes the answer (no
     handshake, no session, no threads).
 ``session-relay``
@@ -37,7 +37,7 @@ import struct
 import sys
 import time
 
-from ccidbridge.config.model import Endpoint, ReaderSpec, ServedCard
+from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard
 
 _HDR = struct.Struct(">III")
 APDU_TYPE = 7

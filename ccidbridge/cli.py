@@ -1,7 +1,8 @@
 """The ``ccidbridge`` command line: one sub-command per module.
 
 Each sub-command module exposes ``add_parser(subparsers)``; the parser it adds
-carries ``func=callable(args) -> int`` as its default.
+carries ``func=callable(args) -> int`` as its default.  An unknown command is
+argparse's usage error (exit 2).
 """
 
 from __future__ import annotations
@@ -26,14 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Relay a host smartcard into a QEMU/libvirt guest (VSCard passthrough).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a command not written yet
-            if exc.name != name:
-                raise
-            continue
-        module.add_parser(sub)
+    for name in COMMANDS:  # an import error in a command module is a bug: it surfaces
+        importlib.import_module(name).add_parser(sub)
     return parser
 
 

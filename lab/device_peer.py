@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 from lab.twin import GuestAnswer, QemuDevice
 
 

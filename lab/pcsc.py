@@ -1,6 +1,6 @@
 """A private pcscd with vsmartcard's vpcd readers, for tests, demo and benchmarks.
 
-Why it looks like this (see /work/shared/notes/test-stack.md §1):
+Why it looks like this (docs/lab.md#V1 .. #V4):
 
 * pcscd's socket is fixed at ``/run/pcscd/pcscd.comm``; there can be only one
   pcscd per mount namespace.  We therefore refuse to start unless
@@ -32,6 +32,7 @@ from pathlib import Path
 
 from smartcard import scard
 
+from ccidbridge.card.listing import PcscUnavailable, reader_names
 from lab.process import reap
 from lab.vpcd_card import (
     DEFAULT_ATR,
@@ -95,7 +96,7 @@ def entry_name(index: int, base: str = DEFAULT_NAME) -> str:
     return f"{base} {chr(ord('A') + index)}"
 
 
-def layout(n_entries: int, base_port: int = DEFAULT_BASE_PORT) -> list[ReaderSlot]:
+def vpcd_slots(n_entries: int, base_port: int = DEFAULT_BASE_PORT) -> list[ReaderSlot]:
     """Reader names and ports for ``n_entries`` vpcd entries (2 slots each).
 
     Entry ``i`` listens on ``base_port + 2*i`` (slot 00) and ``+1`` (slot 01).
@@ -118,8 +119,7 @@ def write_reader_conf(directory: Path, slots: list[ReaderSlot], driver_dir: Path
     (the slot number only), so two entries sharing one loaded driver overwrite
     each other's slot 0/1 (entry B's listener replaces entry A's, and reader
     "…PCD 00 00" never sees its card).  glibc dedups dlopen by inode, so a
-    symlink is not enough; a real copy is.  Found on this machine, contrary to
-    test-stack.md §1.
+    symlink is not enough; a real copy is (docs/lab.md#V2).
     """
     directory.mkdir(parents=True, exist_ok=True)
     driver_dir.mkdir(parents=True, exist_ok=True)
@@ -140,20 +140,6 @@ def write_reader_conf(directory: Path, slots: list[ReaderSlot], driver_dir: Path
         )
 
 
-def list_readers() -> list[str]:
-    """Reader names from pcscd, or raise ``OSError``-ish ``LabError`` carrying the hresult."""
-    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-    if hr != scard.SCARD_S_SUCCESS:
-        raise PcscError(hr)
-    try:
-        hr, readers = scard.SCardListReaders(ctx, [])
-        if hr == scard.SCARD_E_NO_READERS_AVAILABLE:
-            return []
-        if hr != scard.SCARD_S_SUCCESS:
-            raise PcscError(hr)
-        return list(readers)
-    finally:
-        scard.SCardReleaseContext(ctx)
 
 
 class PcscError(LabError):
@@ -169,7 +155,7 @@ class HostConnection:
     "other host program" of sharing tests.  A session that could not connect
     (e.g. the bridge holds the card exclusively) is still made: ``hr`` is
     SCardConnect's result, and :meth:`tx` refuses to use a handle that was
-    never granted (pyscard crashes on hcard 0, notes §2).  The card is left
+    never granted (pyscard crashes on hcard 0, docs/lab.md#V8).  The card is left
     as it is on close (SCARD_LEAVE_CARD).
     """
 
@@ -229,7 +215,7 @@ def direct_transmit(reader: str, apdus: list[bytes]) -> list[bytes]:
 
 
 def _pidfile_pid() -> int | None:
-    """The pid in pcscd's pid file (it ends in a NUL byte, notes §1), if that process lives."""
+    """The pid in pcscd's pid file (it ends in a NUL, docs/lab.md#V1), if that process lives."""
     try:
         pid = int(PCSCD_PIDFILE.read_bytes().strip(b"\0\n ") or b"0")
     except (OSError, ValueError):
@@ -269,7 +255,7 @@ class CardState:
 def wait_card_state(reader: str, present: bool, timeout: float = 5.0) -> CardState:
     """Block (SCardGetStatusChange, no sleeps) until ``reader`` has / lacks a card.
 
-    pcscd polls vpcd slots every 400 ms (notes §3), so detection takes up to
+    pcscd polls vpcd slots every 400 ms (docs/lab.md#V4), so detection takes up to
     about 0.4 s either way.  Raises ``TimeoutError`` after ``timeout`` s.
     """
     t0 = time.monotonic()
@@ -327,7 +313,7 @@ class PcscStack:
         self.start_timeout = start_timeout
         self._own_tmp: tempfile.TemporaryDirectory[str] | None = None
         self._workdir = Path(workdir) if workdir is not None else None
-        self.slots: list[ReaderSlot] = layout(n_entries, base_port)
+        self.slots: list[ReaderSlot] = vpcd_slots(n_entries, base_port)
         self.proc: subprocess.Popen[bytes] | None = None
         #: seconds from exec to all readers listed, for the last start
         self.start_seconds: float | None = None
@@ -433,11 +419,11 @@ class PcscStack:
                     f"pcscd exited with rc {self.proc.returncode}; log:\n{self.log_tail()}"
                 )
             try:
-                have = set(list_readers())
+                have = set(reader_names())
                 if want <= have:
                     return
                 last = sorted(have)
-            except PcscError as exc:  # NO_SERVICE until the socket is up
+            except PcscUnavailable as exc:  # NO_SERVICE until the socket is up
                 last = exc
             if time.monotonic() - t0 > self.start_timeout:
                 raise LabError(
@@ -450,7 +436,7 @@ class PcscStack:
         """Signal pcscd by pid (SIGTERM: it exits in ~2 ms) and reap it; SIGKILL if it lingers.
 
         ``sig=SIGKILL`` simulates a pcscd crash: socket and pid file stay
-        behind, which the next start tolerates (notes §1).
+        behind, which the next start tolerates (docs/lab.md#V1).
         """
         proc, self.proc = self.proc, None
         reap(proc, sig, timeout)
@@ -463,7 +449,7 @@ class PcscStack:
         """Stop (with ``sig``) and start pcscd with the same config.
 
         Every PC/SC context from before is dead afterwards (SCARD_E_NO_SERVICE
-        even though SCardIsValidContext says OK, notes §1), and every card has
+        even though SCardIsValidContext says OK, docs/lab.md#V3), and every card has
         been disconnected (vpcd's sockets close with pcscd; our card process
         exits on EOF, like vicc).  ``reinsert=True`` restarts every card that
         :meth:`insert_card` made and waits until each is PRESENT again;
@@ -481,7 +467,7 @@ class PcscStack:
         """Grow to at least ``n_slots`` slots.
 
         Restarts pcscd if it must grow (new entries need a restart; ``pcscd -H``
-        does not rescan reader.conf.d, notes §1) and re-inserts our cards.
+        does not rescan reader.conf.d, docs/lab.md#V2) and re-inserts our cards.
         """
         need = -(-n_slots // SLOTS_PER_ENTRY)
         if need <= self.n_entries:
@@ -492,7 +478,7 @@ class PcscStack:
         for c in cards:
             c.remove(wait=False)
         self.n_entries = need
-        self.slots = layout(need, self.base_port)
+        self.slots = vpcd_slots(need, self.base_port)
         if was_running:
             self.start()
             for c in cards:  # existing slots keep their names and ports
@@ -571,7 +557,7 @@ class PcscStack:
 class InsertedCard:
     """Our test card in one vpcd slot: insert/remove/kill/SIGSTOP it like a real card.
 
-    Removal is only *seen* by pcscd at its next 400 ms poll (notes §3), so
+    Removal is only *seen* by pcscd at its next 400 ms poll (docs/lab.md#V4), so
     ``remove(wait=True)`` blocks until the reader is EMPTY; otherwise the next
     card in this slot could be mistaken for "present" on the stale state.
     """
@@ -668,7 +654,7 @@ class InsertedCard:
         return self.card
 
     def sigstop(self) -> None:
-        """Freeze the card process: APDUs to it block forever in pcscd (notes §2)."""
+        """Freeze the card process: APDUs to it block forever in pcscd (docs/lab.md#V7)."""
         self._proc().sigstop()
 
     def sigcont(self) -> None:
@@ -706,8 +692,8 @@ __all__ = [
     "PcscError",
     "PcscStack",
     "ReaderSlot",
-    "layout",
-    "list_readers",
+    "vpcd_slots",
+    "reader_names",
     "require_isolated",
     "wait_card_state",
     "write_reader_conf",

@@ -1,7 +1,7 @@
 """Stopping the lab's child processes: by PID, always reaped.
 
 Reaping matters here: inside ``.ci/isolated`` nothing else collects our
-zombies promptly (test-stack.md gotcha 12).
+zombies promptly (docs/lab.md#V10).
 """
 
 from __future__ import annotations

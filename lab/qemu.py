@@ -1,6 +1,6 @@
 """Run qemu-system-x86_64 for tests: output to files, a QMP socket, kill by pid.
 
-The "QEMU alone" passthru setup (test-stack.md part B, qemu-passthru.md §5)
+The "QEMU alone" passthru setup (docs/lab.md#V11, protocol/VSCARD.md#Q5)
 needs no guest OS: QEMU answers every VSCard control message itself, which is
 enough for handshake tests.  Facts that shape this module:
 
@@ -131,14 +131,16 @@ def passthru_args(
     *,
     server: bool = True,
     memory_mb: int = 64,
+    tls_dir: str | None = None,
 ) -> list[str]:
     """Argv (without the binary) for QEMU alone with one passthru card per endpoint.
 
     One ``usb-ccid`` + ``ccid-card-passthru`` + chardev set per endpoint, since
-    usb-ccid has a single slot (qemu-passthru.md gotcha 5).  ``server=True``:
+    usb-ccid has a single slot (protocol/VSCARD.md#Q16).  ``server=True``:
     QEMU listens (``server=on,wait=off``); ``False``: QEMU connects
     (``reconnect=1``) to a listener the caller provides.  Device ids are
-    ``ccid{i}`` / ``pt{i}``, chardev ids ``cc{i}``.
+    ``ccid{i}`` / ``pt{i}``, chardev ids ``cc{i}``.  ``tls_dir``: TLS on every
+    chardev with QEMU's ``tls-creds-x509`` from that directory (``verify-peer=on``).
     """
     if not isinstance(endpoints, list):
         endpoints = [endpoints]
@@ -146,6 +148,11 @@ def passthru_args(
             "-serial", "none", "-m", str(memory_mb), "-usb"]  # fmt: skip
     for i, ep in enumerate(endpoints):
         mode = "server=on,wait=off" if server else "server=off,reconnect=1"
+        if tls_dir is not None:
+            role = "server" if server else "client"
+            args += ["-object", f"tls-creds-x509,id=tls{i},dir={tls_dir},endpoint={role},"
+                     "verify-peer=on"]
+            mode += f",tls-creds=tls{i}"
         args += [
             "-chardev", f"socket,id=cc{i},{ep.chardev_opts()},{mode}",
             "-device", f"usb-ccid,id=ccid{i}",
@@ -338,7 +345,7 @@ class Qemu:
 
 
 class QemuPassthru(Qemu):
-    """QEMU alone with ``ccid-card-passthru`` on socket chardevs (test-stack.md part B).
+    """QEMU alone with ``ccid-card-passthru`` on socket chardevs (docs/lab.md#V11).
 
     ``transport`` "tcp" picks a free port, "unix" a socket in ``workdir``;
     ``n_cards`` sets of usb-ccid + passthru.  With ``server=True`` (default)
@@ -358,6 +365,7 @@ class QemuPassthru(Qemu):
         debug: bool = False,
         workdir: Path | str | None = None,
         extra_args: list[str] | None = None,
+        tls_dir: str | None = None,
     ) -> None:
         super().__init__([], workdir=workdir)
         if endpoints is None:
@@ -371,7 +379,9 @@ class QemuPassthru(Qemu):
                 raise ValueError(f"transport must be tcp or unix, not {transport!r}")
         self.endpoints: list[Endpoint] = endpoints
         self.server = server
-        self.args = passthru_args(endpoints, server=server) + list(extra_args or [])
+        self.args = passthru_args(endpoints, server=server, tls_dir=tls_dir) + list(
+            extra_args or []
+        )
         if debug:
             self.env = {"QEMU_CCID_PASSTHRU_DEBUG": "4", "QEMU_CCID_DEBUG": "4"}
 

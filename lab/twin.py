@@ -1,7 +1,7 @@
 """QEMU 7.2's side of the chardev: a sans-IO twin for tests.
 
 :class:`QemuDevice` behaves as Debian's QEMU 7.2.22 ``ccid-card-passthru``
-behind ``usb-ccid`` was observed to behave (qemu-passthru.md §2 and §5),
+behind ``usb-ccid`` was observed to behave (protocol/VSCARD.md#Q1 .. #Q16),
 including its flaws, so that the bridge session can be tested against it
 without sockets: the 64 KiB input buffer that rewinds only when a read ends on
 a frame boundary (and wedges for good otherwise), a closed connection that

@@ -1,7 +1,7 @@
 """Launch Debian's real vicc (vsmartcard's Python card emulator) as a process.
 
 We keep vicc only as a "real emulator" smoke test next to our own card
-(test-stack.md §3 "Recommendation").  Quirks that shape this module:
+(docs/lab.md#V9).  Quirks that shape this module:
 
 * It must run through :mod:`lab.vicc_fixed` under Debian's
   ``/usr/bin/python3`` (install path, Crypto→Cryptodome, 44 ms Nagle stall).

@@ -2,7 +2,7 @@
 
 Executed by *Debian's* ``/usr/bin/python3`` (it needs python3-pycryptodome and
 python3-virtualsmartcard from dist-packages), never imported by ccidbridge.
-See /work/shared/notes/test-stack.md §3:
+See docs/lab.md#V9 and #V6:
 
 1. the ``virtualsmartcard`` package is installed outside sys.path;
 2. it imports ``Crypto`` while Debian ships pycryptodome as ``Cryptodome``;

@@ -1,17 +1,12 @@
 """ccidbridge's own deterministic test card, speaking vpcd's socket protocol.
 
-Why our own card and not vicc (notes test-stack.md §3 "Recommendation"):
+Why our own card and not vicc (docs/lab.md#V9):
 Debian 12's vicc needs a wrapper, crashes on some APDUs and cannot be told to
 hang or answer with chosen status words.  This card can, and it runs at about
 0.1 ms per APDU.
 
-vpcd protocol (notes §3 "vpcd wire protocol"): the card is the TCP *client* of
-vpcd's per-slot port.  Every message is a 2-byte big-endian length plus
-payload.  One-byte payloads are control messages (0 off, 1 on, 2 reset, 4 send
-ATR, answered with the ATR); anything else is a C-APDU answered with the
-R-APDU.  EOF means pcscd went away.  vpcd 3.3 writes length and payload with
-two send() calls, so we set TCP_QUICKACK after every recv — otherwise Nagle on
-vpcd's side and our delayed ACK stall each APDU by 44 ms.
+The vpcd transport and the process wrapper are shared with the other test
+cards: lab/cards/vpcd.py.
 
 Instruction set (all deterministic unless ``random_challenge``):
 
@@ -34,7 +29,7 @@ other          6D00 (and 6E00 for CLA FF).
 
 Fault injection (``Behaviour``): ``hang_ins`` (never answer that INS),
 ``crash_ins`` (close the socket instead of answering: pcscd then returns rv=0
-with an empty response, notes §2), ``delay_ms`` (answer every APDU late).
+with an empty response, docs/lab.md#V7), ``delay_ms`` (answer every APDU late).
 
 Run as a process: ``python -m lab.vpcd_card --port P [--atr HEX|PRESET]
 [--behaviour hang=84 --behaviour crash=B0 --behaviour slow=20 --behaviour random]``.
@@ -44,20 +39,16 @@ Or in-process: ``VpcdCard(port).start()`` (a daemon thread) … ``.stop()``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccidbridge.protocol.atr import tck
-from lab import child_env
-from lab.process import reap
+from lab.cards.apdu import Apdu
+from lab.cards.vpcd import Crash, Hang, ModuleProcess, VpcdClient, serve_forever
+
+__all__ = ["Apdu", "Crash", "Hang"]  # re-exported: they live in lab/cards/ now
 
 _HIST = b"ccidbridge"  # historical bytes: makes our ATRs recognisable in logs
 _DUAL = bytes([0x3B, 0x80 | len(_HIST), 0x80, 0x01]) + _HIST
@@ -138,63 +129,6 @@ class Behaviour:
         if self.random_challenge:
             out += ["--behaviour", "random"]
         return out
-
-
-class Hang(Exception):
-    """Raised by the card logic to mean: never answer this APDU."""
-
-
-class Crash(Exception):
-    """Raised by the card logic to mean: drop the connection mid-APDU."""
-
-
-@dataclass
-class Apdu:
-    """A parsed command APDU (short or extended).  ``le`` is None when absent; 0 means max."""
-
-    cla: int
-    ins: int
-    p1: int
-    p2: int
-    data: bytes
-    le: int | None
-
-    @classmethod
-    def parse(cls, raw: bytes) -> Apdu:
-        if len(raw) < 4:
-            raise ValueError("APDU shorter than 4 bytes")
-        cla, ins, p1, p2 = raw[:4]
-        body = raw[4:]
-        if not body:
-            return cls(cla, ins, p1, p2, b"", None)
-        if len(body) == 1:
-            return cls(cla, ins, p1, p2, b"", body[0] or 256)
-        if body[0] != 0:  # short Lc
-            lc = body[0]
-            data = body[1 : 1 + lc]
-            if len(data) != lc:
-                raise ValueError("Lc longer than the data")
-            rest = body[1 + lc :]
-            if not rest:
-                return cls(cla, ins, p1, p2, data, None)
-            if len(rest) == 1:
-                return cls(cla, ins, p1, p2, data, rest[0] or 256)
-            raise ValueError("trailing bytes after short Le")
-        # extended: 00 then 2-byte Lc or Le
-        if len(body) == 3:
-            n = int.from_bytes(body[1:3], "big")
-            return cls(cla, ins, p1, p2, b"", n or 65536)
-        lc = int.from_bytes(body[1:3], "big")
-        data = body[3 : 3 + lc]
-        if lc == 0 or len(data) != lc:
-            raise ValueError("bad extended Lc")
-        rest = body[3 + lc :]
-        if not rest:
-            return cls(cla, ins, p1, p2, data, None)
-        if len(rest) == 2:
-            n = int.from_bytes(rest, "big")
-            return cls(cla, ins, p1, p2, data, n or 65536)
-        raise ValueError("bad extended Le")
 
 
 def _sw(sw: int) -> bytes:
@@ -334,12 +268,10 @@ class CardLogic:
         return self.apdu_count.to_bytes(4, "big") + _sw(0x9000)
 
 
-class VpcdCard:
-    """The card's vpcd client loop.  ``run()`` blocks; ``start()`` runs it on a daemon thread.
+class VpcdCard(VpcdClient):
+    """This card on vpcd (lab/cards/vpcd.py's loop with a :class:`CardLogic`)."""
 
-    Connecting retries until ``connect_timeout`` (unlike vicc, which exits rc 0
-    when pcscd is not up yet, notes §1), so start order does not matter here.
-    """
+    logic: CardLogic
 
     def __init__(
         self,
@@ -350,123 +282,15 @@ class VpcdCard:
         host: str = "127.0.0.1",
         connect_timeout: float = 10.0,
     ) -> None:
-        self.host = host
-        self.port = port
-        self.logic = CardLogic(atr=atr, behaviour=behaviour or Behaviour())
-        self.connect_timeout = connect_timeout
-        self._sock: socket.socket | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        #: why run() ended: "eof" (pcscd closed), "crash", "stopped", or an error text
-        self.exit_reason: str | None = None
-        self.connected = threading.Event()
-
-    # -- wire helpers ----------------------------------------------------
-    def _recv_exact(self, n: int) -> bytes | None:
-        assert self._sock is not None
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._sock.recv(n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-            # Re-arm after every recv: Linux clears QUICKACK on its own (notes §3).
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-        return bytes(buf)
-
-    def _send(self, payload: bytes) -> None:
-        assert self._sock is not None
-        # One send for length + payload, so no Nagle stall on our side either.
-        self._sock.sendall(len(payload).to_bytes(2, "big") + payload)
-
-    def _connect(self) -> socket.socket:
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            try:
-                s = socket.create_connection((self.host, self.port), timeout=1.0)
-                s.settimeout(None)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return s
-            except OSError:
-                if self._stop.is_set() or time.monotonic() > deadline:
-                    raise
-                self._stop.wait(0.02)
-
-    # -- main loop -------------------------------------------------------
-    def run(self) -> str:
-        """Serve until EOF, a crash behaviour, or ``stop()``; return the exit reason."""
-        try:
-            self._sock = self._connect()
-        except OSError as exc:
-            self.exit_reason = f"connect failed: {exc}"
-            return self.exit_reason
-        self.connected.set()
-        try:
-            self.exit_reason = self._serve()
-        except OSError as exc:
-            self.exit_reason = "stopped" if self._stop.is_set() else f"socket error: {exc}"
-        finally:
-            self._close()
-        return self.exit_reason
-
-    def _serve(self) -> str:
-        logic = self.logic
-        while True:
-            head = self._recv_exact(2)
-            if head is None:
-                return "stopped" if self._stop.is_set() else "eof"
-            msg = self._recv_exact(int.from_bytes(head, "big"))
-            if msg is None:
-                return "eof"
-            if len(msg) == 1:
-                ctrl = msg[0]
-                if ctrl == 0:
-                    logic.power_off()
-                elif ctrl in (1, 2):
-                    logic.power_on()
-                elif ctrl == 4:
-                    self._send(logic.atr)
-                continue
-            try:
-                resp = logic.process(msg)
-            except Hang:
-                self._stop.wait()  # until stop(); a SIGSTOPped process hangs the same way
-                return "stopped"
-            except Crash:
-                return "crash"
-            if logic.behaviour.delay_ms and self._stop.wait(logic.behaviour.delay_ms / 1000):
-                return "stopped"
-            self._send(resp)
-
-    def _close(self) -> None:
-        s, self._sock = self._sock, None
-        if s is not None:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def start(self) -> VpcdCard:
-        """Run on a daemon thread (the in-process form)."""
-        self._thread = threading.Thread(target=self.run, name=f"vpcd-card:{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Disconnect (pcscd then reports the card removed) and join the thread."""
-        self._stop.set()
-        s = self._sock
-        if s is not None:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"card thread on port {self.port} did not stop")
-            self._thread = None
+        behaviour = behaviour or Behaviour()
+        super().__init__(
+            port, CardLogic(atr=atr, behaviour=behaviour), host=host,
+            connect_timeout=connect_timeout, delay_ms=behaviour.delay_ms,
+        )  # fmt: skip
 
 
-class CardProcess:
-    """The card as a separate process, so tests can SIGSTOP/SIGKILL it.
+class CardProcess(ModuleProcess):
+    """This card as a separate process, so tests can SIGSTOP/SIGKILL it.
 
     Output (stdout+stderr) goes to ``log_path`` when given.
     """
@@ -480,57 +304,12 @@ class CardProcess:
         log_path: Path | str | None = None,
         python: str = sys.executable,
     ) -> None:
-        self.port = port
         self.atr = atr
         self.behaviour = behaviour or Behaviour()
-        self.log_path = Path(log_path) if log_path else None
-        self.python = python
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def args(self) -> list[str]:
-        return [
-            self.python, "-m", "lab.vpcd_card",
-            "--port", str(self.port), "--atr", self.atr.hex(),
-            *self.behaviour.to_args(),
-        ]  # fmt: skip
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def start(self) -> CardProcess:
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            self.proc = subprocess.Popen(
-                self.args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                env=child_env(),
-            )
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
-        return self
-
-    def send_signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def sigstop(self) -> None:
-        self.send_signal(signal.SIGSTOP)
-
-    def sigcont(self) -> None:
-        self.send_signal(signal.SIGCONT)
-
-    def poll(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 5.0) -> int | None:
-        """Send ``sig`` (after SIGCONT, so a stopped process can die) and reap it."""
-        proc, self.proc = self.proc, None
-        return reap(proc, sig, timeout, cont=True)
-
-    def kill(self) -> int | None:
-        return self.stop(signal.SIGKILL)
+        super().__init__(
+            "lab.vpcd_card", port, ["--atr", atr.hex(), *self.behaviour.to_args()],
+            log_path=log_path, python=python,
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -557,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         connect_timeout=args.connect_timeout,
     )
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    reason = card.run()
-    print(f"vpcd_card port {args.port}: {reason}", file=sys.stderr)
-    return 0 if reason in ("eof", "stopped") else 1
+    return serve_forever(card, "vpcd_card")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 
 from ccidbridge.card.base import CardSide
-from ccidbridge.config.model import Endpoint, ReaderSpec, ServedCard
 from ccidbridge.runtime.bridge import CardBridge
+from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard
 
 
 class _Capture(logging.Handler):

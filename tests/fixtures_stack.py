@@ -10,6 +10,12 @@ leaks a card, vicc or QEMU into the next one.
 * ``test_card`` (function): factory ``test_card(atr="dual", behaviour=None, *,
   reader=None, process=True, wait=True) -> InsertedCard``; every card it made
   is removed (and its slot freed) at teardown.
+* ``card_keys`` (session): a directory with the test cards' keys
+  (lab/cards/keys.py), generated once per session.
+* ``own_card`` (function): factory ``own_card(spec, *, process=True,
+  reader=None) -> CardInSlot`` for the OpenPGP, PIV and strict T=1 cards
+  (``lab.cards.openpgp.spec(card_keys)`` etc.); PRESENT when returned, all
+  removed at teardown.
 * ``vicc_card`` (function): a running Debian vicc (iso7816) on a free slot.
 * ``qemu_passthru`` (function): factory ``qemu_passthru(transport="tcp",
   server=True, n_cards=1, debug=False, ...) -> QemuPassthru`` (started); all
@@ -26,6 +32,9 @@ from typing import Any
 
 import pytest
 
+from lab.cards.keys import ensure_keys
+from lab.cards.slot import CardInSlot
+from lab.cards.vpcd import CardSpec
 from lab.pcsc import InsertedCard, PcscStack
 from lab.qemu import QemuPassthru
 from lab.vicc import SYSTEM_PYTHON, ViccProcess
@@ -86,6 +95,31 @@ def test_card(_pcsc_alive: PcscStack) -> Iterator[Callable[..., InsertedCard]]:
         card = _pcsc_alive.insert_card(atr, behaviour, **kwargs)
         made.append(card)
         return card
+
+    try:
+        yield make
+    finally:
+        for card in reversed(made):
+            card.close()
+
+
+@pytest.fixture(scope="session")
+def card_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The key directory every test card of this session loads (lab/cards/keys.py)."""
+    d = tmp_path_factory.mktemp("card-keys")
+    ensure_keys(d)
+    return d
+
+
+@pytest.fixture
+def own_card(_pcsc_alive: PcscStack) -> Iterator[Callable[..., CardInSlot]]:
+    """Factory: one of lab/cards' cards PRESENT in a free slot; all removed at teardown."""
+    made: list[CardInSlot] = []
+
+    def make(spec: CardSpec, *, process: bool = True, reader: str | None = None) -> CardInSlot:
+        card = CardInSlot(_pcsc_alive, spec, process=process, reader=reader)
+        made.append(card)
+        return card.insert()
 
     try:
         yield make

@@ -11,8 +11,8 @@ import pytest
 from smartcard import scard
 
 from ccidbridge.card.pcsc import PcscCard
-from ccidbridge.config.model import ReaderSpec, Share
 from ccidbridge.protocol.atr import announce_t0
+from ccidbridge.spec import ReaderSpec, Share
 from lab.bridgeproc import write_config
 from lab.device_peer import DevicePeer
 from lab.pcsc import PcscStack, direct_transmit
@@ -175,8 +175,9 @@ def test_hung_card_times_out_then_comes_back(test_card, tmp_path, trace) -> None
 
 @traced
 def test_hung_card_pulled_and_a_card_inserted_is_served(test_card, tmp_path, trace) -> None:
-    """The window issue 10 found: a removal and a new card while the bridge has
-    given up on a hung card must end with the new card served."""
+    """A removal and a new card while the bridge has given up on a hung card
+    (the old runtime could queue the detach behind the attach) end with the
+    new card served."""
     card = test_card("dual")
     with (
         DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,

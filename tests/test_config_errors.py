@@ -1,18 +1,25 @@
 """Bad configs: every error is one ``FILE:LINE: what is wrong, what is allowed`` line.
 
-ERRORS is the notes' table of libvirt 9.0 errors for these devices (plus the
-ones found with the oracle); tests/test_libvirt_oracle_errors.py checks each
-one against the real libvirt, this file checks ccidbridge's own message.
+ERRORS is the table of libvirt 9.0's errors for these devices
+(docs/libvirt.md#L15); tests/test_libvirt_oracle_errors.py checks each one
+against the real libvirt, this file checks ccidbridge's own message.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ccidbridge import cli
 from ccidbridge.cli import main
 from ccidbridge.config import ConfigError, load, loads
+from ccidbridge.config.document import MAX_BYTES
 from ccidbridge.config.layout import layout
 from ccidbridge.config.libvirt_xml import render as render_libvirt
 from ccidbridge.config.qemu_argv import QemuVersion
@@ -187,3 +194,118 @@ def test_mutated_configs_never_crash(text: str, data: st.DataObject) -> None:
     render_argv(lay, QemuVersion(5, 2), add_usb=True)
     config.served_cards()
     config.unserved()
+
+
+# ------------------------------------------------------------------ bounded, linear loading
+
+BIG_LINES = 70_000  # lxml keeps sourceline in 16 bits: setting one past 65535 overflows
+
+
+def _cli(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """``ccidbridge ARGS`` as a user runs it: a separate process, its exit status and stderr."""
+    return subprocess.run([sys.executable, "-m", "ccidbridge", *map(str, args)],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def _refused(path: os.PathLike[str] | str, start: str, words: str) -> None:
+    for command in ("check", "libvirt", "qemu-argv"):
+        done = _cli(command, path)
+        assert done.returncode == 2, done
+        assert done.stderr.startswith(start) and words in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
+def _padded(devices: str, lines: int) -> bytes:
+    return ("<ccidbridge>" + "\n" * lines + devices + "</ccidbridge>\n").encode()
+
+
+def test_a_file_over_the_cap_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.xml"
+    big.write_bytes(b"<ccidbridge>" + b" " * MAX_BYTES + b"</ccidbridge>")
+    _refused(big, f"{big}: ", f"{MAX_BYTES} bytes at most")
+    fits = tmp_path / "fits.xml"
+    fits.write_bytes(b"<ccidbridge>" + b" " * (MAX_BYTES - 100) + b"</ccidbridge>")
+    assert _cli("check", fits).returncode == 0
+    with pytest.raises(ConfigError, match="more than a config can be"):
+        loads(b"<ccidbridge>" + b" " * MAX_BYTES + b"</ccidbridge>", "vm.xml")
+
+
+def test_not_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.xml"
+    os.mkfifo(fifo)  # nobody writes: reading it would block for ever
+    _refused(fifo, f"{fifo}: ", "a FIFO")
+    _refused("/dev/zero", "/dev/zero: ", "a character device")  # would never end
+    _refused(tmp_path, f"{tmp_path}: ", "a directory")
+
+
+def test_more_than_65535_lines(tmp_path: Path) -> None:
+    """Lines past lxml's 16-bit sourceline are reported right, also for multi-line tags."""
+    card = "<smartcard\n mode='bogus'/>"
+    with pytest.raises(ConfigError) as info:
+        loads(_padded(card, BIG_LINES), "vm.xml")
+    assert str(info.value).startswith(f"vm.xml:{BIG_LINES + 1}: "), info.value
+    bad = tmp_path / "long.xml"
+    bad.write_bytes(_padded("<smartcard/>", BIG_LINES))
+    _refused(bad, f"{bad}:{BIG_LINES + 1}: ", "needs mode=")
+    good = loads(_padded("<smartcard mode='passthrough' type='tcp'>\n<source host='127.0.0.1' "
+                         "service='1'/></smartcard>", BIG_LINES), "vm.xml")
+    assert good.served_cards()[0].label == f"vm.xml:{BIG_LINES + 1} smartcard0"
+    broken = tmp_path / "broken.xml"
+    broken.write_bytes(b"<ccidbridge>" + b"\n" * BIG_LINES + b"<smartcard")
+    _refused(broken, f"{broken}:{BIG_LINES + 1}: ", "not well-formed")
+
+
+@pytest.mark.parametrize(("data", "line", "words"), [
+    (b"<ccidbridge>" * 300 + b"</ccidbridge>" * 300, 1, "not well-formed"),  # deep
+    (b"\x00\x01\x02\xff\xfe binary", 1, "not well-formed"),
+    (b"<ccidbridge>\x00</ccidbridge>", 1, "not well-formed"),
+    (b"\xff\xfe" + "<ccidbridge>\n<x/></ccidbridge>".encode("utf-16-le"), 2, "<x>"),
+    (b"<?xml version='1.0' encoding='no-such-codec'?><ccidbridge/>", 1, "encoding"),
+    (b"<!-- a comment -->\n<!DOCTYPE ccidbridge [<!ENTITY a 'b'>]>\n<ccidbridge/>", 2,
+     "refused"),
+    (b"<?xml version='1.0'?>\n<!-- <ccidbridge> -->\n<?pi x?>\n<!DOCTYPE ccidbridge SYSTEM "
+     b"'file:///etc/passwd'>\n<ccidbridge/>", 4, "refused"),
+    ("<!DOCTYPE a [<!ENTITY b 'c'>]><ccidbridge>&b;</ccidbridge>".encode("utf-16"), 1,
+     "refused"),  # no "<!DOCTYPE" bytes for a pattern to find
+    (b"<ccidbridge><![CDATA[<!DOCTYPE x [<!ENTITY a 'b'>]>]]></ccidbridge>", 1, "holds text"),
+])
+def test_hostile_bytes(tmp_path: Path, data: bytes, line: int, words: str) -> None:
+    err = _error(data)  # type: ignore[arg-type]
+    assert str(err).startswith(f"vm.xml:{line}: ") and words in str(err), str(err)
+    assert "\n" not in str(err)
+    path = tmp_path / "hostile.xml"
+    path.write_bytes(data)
+    _refused(path, f"{path}:{line}: ", words)
+
+
+def test_doctype_words_in_comments_and_cdata_are_not_a_doctype() -> None:
+    config = loads(b"<!-- <!DOCTYPE x> <!ENTITY y 'z'> -->\n<ccidbridge>\n<!-- <!DOCTYPE -->"
+                   b"<smartcard mode='host'/></ccidbridge>", "vm.xml")
+    assert config.unserved()[0][0] == "vm.xml:3 smartcard0"
+
+
+def test_many_elements_on_one_line_stay_linear() -> None:
+    """One long line of elements (each line lookup memoized per tag and line)."""
+    cards = "<controller type='ccid'/>" * 20_000
+    with pytest.raises(ConfigError) as info:
+        loads(f"<ccidbridge>{cards}<!-- {'x' * 400_000} --><bogus/></ccidbridge>", "vm.xml")
+    assert str(info.value).startswith("vm.xml:1: unexpected <bogus>"), info.value
+
+
+# ------------------------------------------------------------------------------ the CLI itself
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    done = _cli("bogus", "x.xml")
+    assert done.returncode == 2 and "invalid choice: 'bogus'" in done.stderr, done
+    assert "Traceback" not in done.stderr
+
+
+def test_import_error_inside_a_command_surfaces(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command module whose own import fails is a bug to show, not a command to hide."""
+    (tmp_path / "broken_command.py").write_text("import no_such_module_anywhere\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "broken_command"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_anywhere"):
+        cli.build_parser()

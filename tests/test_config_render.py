@@ -1,7 +1,8 @@
 """Renderer and loader details the libvirt 9.0 oracle cannot produce by itself.
 
-Expected strings come from the notes' oracle outputs (libvirt.md): libvirt 9.0
-with QEMU 7.2, its key=value variant, and upstream libvirt's QEMU >= 9.2 tests.
+Expected strings are what libvirt printed (docs/libvirt.md#L11, #L12): libvirt
+9.0 with QEMU 7.2, its key=value variant, and upstream libvirt's QEMU >= 9.2
+tests.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import pytest
 from ccidbridge.cli import main
 from ccidbridge.config import installed, loads
 from ccidbridge.config.layout import layout
-from ccidbridge.config.model import Endpoint, Protocol, Share
 from ccidbridge.config.qemu_argv import NEWEST, QemuVersion, argv, render, shell_quote
+from ccidbridge.spec import CardProtocol, Endpoint, Share
 
 UNIX_RECONNECT = ("<ccidbridge><smartcard mode='passthrough' type='unix'><source mode='connect' "
                   "path='/tmp/channel/asdf'><reconnect enabled='yes' timeout='20'/></source>"
@@ -37,7 +38,7 @@ def test_reconnect_ms_from_qemu_9_2() -> None:
 
 
 def test_key_value_devices_before_qemu_7() -> None:
-    """libvirt.md case 22 (9.0 qemuxml2argvdata, key=value)."""
+    """As libvirt 9.0's qemuxml2argvdata has it for QEMU 6.2 (key=value, docs/libvirt.md#L11)."""
     assert _argv(CERTS, "6.2") == [
         "-device", "usb-ccid,id=ccid0,bus=usb.0,port=1",
         "-device", "ccid-card-emulated,backend=certificates,cert1=cert1,cert2=cert2,"
@@ -98,7 +99,7 @@ def test_served_card_fields() -> None:
     r = first.reader
     assert (r.match, r.atr, r.atr_mask) == ("Virtual*", b"\x3b\x00\x11", b"\xff\xff\x00")
     assert (r.share, r.protocol, r.rewrite_atr, r.apdu_timeout, r.line) == (
-        Share.SHARED, Protocol.T1, False, 2.5, 4)  # the line the <reader> starts on
+        Share.SHARED, CardProtocol.T1, False, 2.5, 4)  # the line the <reader> starts on
     assert second.label == "vm.xml:7 smartcard1"
     assert second.endpoint == Endpoint(kind="unix", bridge_listens=False, path="/tmp/s")
     assert second.reader.name is None and second.reader.rewrite_atr is True
@@ -111,10 +112,12 @@ def test_served_card_fields() -> None:
     ("<smartcard mode='passthrough' type='udp'><source host='h' service='1'/></smartcard>", "udp"),
     ("<smartcard mode='passthrough' type='file'><source path='/f'/></smartcard>", "file"),
     ("<smartcard mode='passthrough' type='spicevmc'/>", "SPICE client"),
-    ("<smartcard mode='passthrough' type='tcp'><source host='h' service='1'/>"
+    ("<smartcard mode='passthrough' type='tcp'><source host='::1' service='1'/>"
      "<protocol type='telnet'/></smartcard>", "telnet"),
     ("<smartcard mode='passthrough' type='tcp'><source host='h' service='1' tls='yes'/>"
-     "</smartcard>", "TLS chardevs are not supported by the bridge yet"),
+     "</smartcard>", "tls='yes' needs the bridge's own certificates"),
+    ("<smartcard mode='passthrough' type='tcp'><source host='192.0.2.7' service='1'/>"
+     "</smartcard>", "not loopback and the chardev has no TLS"),
 ])
 def test_unserved_reasons(card: str, reason: str) -> None:
     config = loads(f"<ccidbridge>\n{card}</ccidbridge>", "vm.xml")
@@ -131,3 +134,24 @@ def test_cli_qemu_version_option(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["qemu-argv", "--qemu-version", "seven", str(cfg)])
     assert exc.value.code == 2
+
+
+def test_cleartext_on_a_network_address_is_refused_unless_said(tmp_path, capsys) -> None:
+    """No card in clear text on the network by accident: check and run say FILE:LINE
+    and exit 2; with <cleartext network='yes'/> it is served, and check still says so."""
+    base = ("<ccidbridge>\n<smartcard mode='passthrough' type='tcp'>\n"
+            "<source mode='bind' host='192.0.2.7' service='2001'/>{extra}\n"
+            "</smartcard>\n</ccidbridge>\n")
+    cfg = tmp_path / "vm.xml"
+    cfg.write_text(base.format(extra=""))
+    assert main(["check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{cfg}:2: host='192.0.2.7' is not loopback"), err
+    assert main(["run", str(cfg)]) == 2
+    assert capsys.readouterr().err.startswith(f"{cfg}:2: host='192.0.2.7' is not loopback")
+    cfg.write_text(base.format(extra="<cleartext network='yes'/>"))
+    assert main(["check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "run would serve 1 card(s)" in out and "served in clear text" in out
+    assert main(["libvirt", str(cfg)]) == 0
+    assert "cleartext" not in capsys.readouterr().out  # ccidbridge's own, never for libvirt

@@ -43,7 +43,8 @@ from lab.guest import (
 from lab.guest.boot import parse_line
 from lab.guest.cpio import CpioWriter
 
-#: T=0-capable ATR (QEMU's reader is T=0 only), qemu-passthru.md test vector.
+#: T=0-capable ATR (QEMU's reader is T=0 only, protocol/VSCARD.md#Q10), as in
+#: protocol/vectors/qemu-7.2.json.
 ATR = bytes.fromhex("3B8F8001804F0CA0000003060300030000000068")
 SELECT = "00A4040007A0000000030000"
 CHALLENGE = "0084000008"

@@ -18,7 +18,7 @@ from lab.pcsc import (
     HostConnection,
     LabError,
     PcscStack,
-    list_readers,
+    reader_names,
     wait_card_state,
 )
 from lab.vpcd_card import ATR_PRESETS, pattern
@@ -38,8 +38,8 @@ def test_refuses_outside_isolation(monkeypatch: pytest.MonkeyPatch) -> None:
         PcscStack(1).start()
 
 
-def test_layout_ports_and_names() -> None:
-    slots = lab_pcsc.layout(3)
+def test_vpcd_slots_ports_and_names() -> None:
+    slots = lab_pcsc.vpcd_slots(3)
     assert [(s.name, s.port) for s in slots] == [
         ("Virtual PCD 00 00", 35963),
         ("Virtual PCD 00 01", 35964),
@@ -52,7 +52,7 @@ def test_layout_ports_and_names() -> None:
 
 def test_readers_listed(pcsc_stack: PcscStack, record_property) -> None:  # noqa: ANN001
     assert pcsc_stack.running
-    assert list_readers() == pcsc_stack.readers
+    assert reader_names() == pcsc_stack.readers
     # the high-level API agrees
     assert [str(r) for r in system_readers()] == pcsc_stack.readers
     assert pcsc_stack.start_seconds is not None and pcsc_stack.start_seconds < 2.0
@@ -116,8 +116,9 @@ def test_high_level_pyscard(test_card) -> None:  # noqa: ANN001
         conn.disconnect()
 
 
-def test_card_process_latency(test_card, record_property) -> None:  # noqa: ANN001
-    """Per-APDU round trip through pcscd to our card process (notes: ~0.1 ms)."""
+def test_card_process_answers_every_apdu(test_card, record_property) -> None:  # noqa: ANN001
+    """550 APDUs through pcscd to our card process, each answered.  Its speed (docs/lab.md#V6:
+    ~0.1 ms, 44 ms if the QUICKACK fix were gone) is measured by make bench, not asserted."""
     card = test_card("dual")
     assert card.pid is not None
     with HostConnection(card.reader) as c:
@@ -129,10 +130,7 @@ def test_card_process_latency(test_card, record_property) -> None:  # noqa: ANN0
             resp = c.ok("0084000008")
             times.append(time.perf_counter() - t)
             assert resp[-2:] == b"\x90\x00"
-    med = statistics.median(times)
-    record_property("apdu_median_us", round(med * 1e6, 1))
-    # 44 ms would mean the Nagle/delayed-ACK stall is back (notes §3)
-    assert med < 0.005, f"median {med * 1e3:.2f} ms"
+    record_property("apdu_median_us", round(statistics.median(times) * 1e6, 1))
 
 
 def test_removal_and_insertion_detected(test_card, record_property) -> None:  # noqa: ANN001
@@ -170,16 +168,14 @@ def test_removal_and_insertion_detected(test_card, record_property) -> None:  # 
     assert seen[1][1] & scard.SCARD_STATE_PRESENT
     removal, insertion = seen[0][0] - t_kill, seen[1][0] - t_ins
     record_property("removal_s", round(removal, 3))
-    record_property("insertion_s", round(insertion, 3))
-    # pcscd polls vpcd every 400 ms
-    assert removal < 1.0 and insertion < 1.0
+    record_property("insertion_s", round(insertion, 3))  # pcscd polls vpcd every 400 ms
 
 
 def test_crash_gives_empty_response_then_removal(test_card) -> None:  # noqa: ANN001
     card = test_card("dual", ["crash=B0"])
     with HostConnection(card.reader) as c:
         assert c.ok("0084000004")[-2:] == b"\x90\x00"
-        assert c.tx("00B0000004") == (OK, b"")  # rv=0, empty (notes §2)
+        assert c.tx("00B0000004") == (OK, b"")  # rv=0, empty (docs/lab.md#V7)
         assert c.tx("0084000004")[0] == 0x80100016  # SCARD_E_NOT_TRANSACTED
     wait_card_state(card.reader, False, 3)
     assert card.card is not None and card.card.poll() == 1
@@ -192,7 +188,7 @@ def test_hang_blocks_until_card_killed(test_card) -> None:  # noqa: ANN001
         t = threading.Thread(target=lambda: result.append(c.tx("0088000000")))
         t.start()
         t.join(0.5)
-        assert t.is_alive() and not result  # pcscd has no timeout (notes §2)
+        assert t.is_alive() and not result  # pcscd has no timeout (docs/lab.md#V7)
         card.kill(wait=False)
         t.join(5)
         assert not t.is_alive()
@@ -246,8 +242,8 @@ def test_pcscd_restart(pcsc_stack: PcscStack, test_card) -> None:  # noqa: ANN00
     old_pid = pcsc_stack.pid
     pcsc_stack.restart()
     assert pcsc_stack.pid != old_pid and pcsc_stack.running
-    assert list_readers() == pcsc_stack.readers
-    # old contexts stay dead (notes §1)
+    assert reader_names() == pcsc_stack.readers
+    # old contexts stay dead (docs/lab.md#V3)
     hr, _ = scard.SCardListReaders(old_ctx, [])
     assert _hr(hr) == 0x8010001D
     scard.SCardReleaseContext(old_ctx)
@@ -265,7 +261,7 @@ def test_more_readers_on_demand(pcsc_stack: PcscStack, test_card) -> None:  # no
     """ensure_slots() grows the stack (pcscd restart); the new entry's slots work."""
     pcsc_stack.ensure_slots(6)
     assert len(pcsc_stack.slots) >= 6
-    assert list_readers() == pcsc_stack.readers
+    assert reader_names() == pcsc_stack.readers
     card = test_card("t1", reader="Virtual PCD C 00 01", process=False)
     assert card.port == 35968
     with HostConnection(card.reader) as c:

@@ -35,9 +35,8 @@ def test_vicc_smoke(vicc_card: ViccProcess, record_property) -> None:  # noqa: A
         scard.SCardDisconnect(h, scard.SCARD_LEAVE_CARD)
     finally:
         scard.SCardReleaseContext(ctx)
-    med = statistics.median(times)
-    record_property("vicc_apdu_median_us", round(med * 1e6, 1))
-    assert med < 0.010, "the TCP_QUICKACK fix is not active (stock vicc: 44 ms)"
+    # its speed (44 ms per APDU without the QUICKACK fix) is make bench's, not asserted here
+    record_property("vicc_apdu_median_us", round(statistics.median(times) * 1e6, 1))
 
 
 def test_vicc_refuses_without_pcscd(pcsc_stack: PcscStack) -> None:
@@ -47,7 +46,7 @@ def test_vicc_refuses_without_pcscd(pcsc_stack: PcscStack) -> None:
 
 
 def test_vicc_remove_and_reinsert(vicc_card: ViccProcess) -> None:
-    """Removal is 'kill vicc'; re-insertion is a new vicc on the same slot (notes §3)."""
+    """Removal is 'kill vicc'; re-insertion is a new vicc on the same slot (docs/lab.md#V9)."""
     first_pid = vicc_card.pid
     assert vicc_card.stop() is not None  # waits for EMPTY
     state = vicc_card.start()

@@ -1,6 +1,7 @@
 """ccidbridge's generators against the real libvirt 9.0 (the oracle), one daemon per session.
 
-For every example and every case of the notes' "Cases worth testing" list:
+For every example and every case of CASES below (the devices a generator must
+get right, docs/libvirt.md#L4 .. #L13):
 
 * the config's devices (without ``<reader>``) in a minimal domain, through
   ``virsh define`` + ``dumpxml --inactive``, give exactly the lines
@@ -44,7 +45,7 @@ KV_ALL = ("<qemu:capabilities><qemu:del capability='device.json+hotplug'/>"
 # What each libvirt capability set corresponds to as a QEMU version.
 VERSIONS = {"": QEMU_72, KV_DEVICES: QemuVersion(6, 2), KV_ALL: QemuVersion(5, 2)}
 
-# The notes' "Cases worth testing" (libvirt.md), as ccidbridge config devices.
+# The cases worth testing a generator against, as ccidbridge config devices.
 TCP = "<source mode='{mode}' host='{host}' service='2001'{tls}>{rc}</source>"
 CASES = {
     "01-host": "<smartcard mode='host'/>",

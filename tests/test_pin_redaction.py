@@ -19,11 +19,11 @@ import sys
 import pytest
 
 from ccidbridge.card.pcsc import PcscCard
-from ccidbridge.config.model import Endpoint, ReaderSpec
 from ccidbridge.protocol.decoder import FrameDecoder
 from ccidbridge.protocol.messages import Error, decode, encode, frame
 from ccidbridge.protocol.wire import MsgType
 from ccidbridge.runtime import apdulog
+from ccidbridge.spec import Endpoint, ReaderSpec
 from lab.bridgeproc import write_config
 from lab.device_peer import DevicePeer
 from tests.bridgeharness import RunningBridge, served_card

@@ -6,14 +6,15 @@ pcscd + vpcd cards behind the bridge.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
+import threading
 import time
 
 import pytest
 
-from ccidbridge.config.model import Endpoint
 from ccidbridge.protocol.decoder import FrameDecoder
 from ccidbridge.protocol.messages import (
     Apdu,
@@ -28,6 +29,7 @@ from ccidbridge.protocol.messages import (
 from ccidbridge.protocol.wire import MsgType
 from ccidbridge.runtime.bridge import OUT_HIGH_WATER
 from ccidbridge.runtime.transport import READ_SIZE, TransportError
+from ccidbridge.spec import Endpoint
 from lab.device_peer import DevicePeer
 from lab.instant_card import DEFAULT_ATR, InstantCard
 from lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint, free_tcp_port
@@ -172,10 +174,15 @@ def test_handshake_acked_by_real_qemu_connecting_to_the_bridge(
 
 
 @pytest.mark.qemu
-def test_qemu_killed_and_restarted_bridge_resyncs_from_its_capped_backoff(qemu_passthru) -> None:
+@pytest.mark.parametrize("trace", [0, 2], ids=["trace-off", "trace-vv"])
+def test_qemu_killed_and_restarted_bridge_resyncs_from_its_capped_backoff(
+    qemu_passthru, trace: int
+) -> None:
     first: QemuPassthru = qemu_passthru("tcp")
     ep = first.endpoint
-    with RunningBridge(served_card(_bridge_side(ep, listens=False)), InstantCard()) as b:
+    with RunningBridge(
+        served_card(_bridge_side(ep, listens=False)), InstantCard(), trace=trace
+    ) as b:
         b.wait_synced()
         first.kill()
         b.wait(lambda br: not br.connected.is_set())
@@ -269,3 +276,52 @@ def test_a_peer_that_stops_reading_gets_no_new_commands_in_and_all_answers_later
     finally:
         server.close()
         bridge.stop()
+
+
+def test_a_peer_that_stops_reading_then_goes_away_costs_only_its_connection(tmp_path) -> None:
+    path = str(tmp_path / "q.sock")
+    bridge = RunningBridge(served_card(Endpoint("unix", True, path=path)), reversing_card())
+    with bridge:
+        bridge.wait_log("listening on")
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(path)
+        conn.settimeout(5)
+        _handshake_as_qemu(conn, FrameDecoder())
+        conn.setblocking(False)
+        stalled = 0
+        while stalled < 50:  # until neither side takes more
+            try:
+                conn.sendall(frame(MsgType.APDU, 0, b"\x80\x10\x00\x00\x04\x01\x02\x03\x04"))
+            except BlockingIOError:
+                stalled += 1
+                time.sleep(0.01)
+        conn.close()  # gone, with the bridge's answers unread
+        bridge.wait_log("connection to QEMU closed")
+        with DevicePeer("unix", listen=False, path=path) as peer:
+            peer.wait_card(True)
+            assert peer.guest(b"\x00\xa4\x00\x00").data == echo_card(b"\x00\xa4\x00\x00")
+
+
+def test_peers_knocking_while_the_bridge_says_goodbye_are_turned_away(tmp_path) -> None:
+    """The old runtime raised inside an asyncio callback when a peer connected
+    between the goodbye's last ack and the listener's close."""
+    path = str(tmp_path / "q.sock")
+    bridge = RunningBridge(served_card(Endpoint("unix", True, path=path)), reversing_card())
+    with DevicePeer("unix", listen=False, path=path) as peer:
+        peer.wait_card(True)
+        stopper = threading.Thread(target=bridge.bridge.stop)
+        stopper.start()
+        knocks = 0
+        while stopper.is_alive():
+            knock = socket.socket(socket.AF_UNIX)
+            with contextlib.suppress(OSError):
+                knock.connect(path)
+                knocks += 1
+            knock.close()
+        stopper.join()
+        peer.wait_card(False)
+        types = [f[0] for f in peer.device.received]
+        assert types[-2:] == [6, 4], types  # CardRemove, then ReaderRemove
+    assert bridge.bridge.finished.is_set() and bridge.bridge.failure is None
+    assert "Traceback" not in bridge.text() and "failed" not in bridge.text()
+    bridge.stop()

@@ -1,6 +1,9 @@
 """The card side of the bridge: where APDUs go and card events come from.
 
-``base`` defines the interface the runtime drives; ``pcsc`` implements it
-over pyscard/pcsc-lite; ``instant`` is a card that answers at once (for
-measuring the bridge itself).
+- ``base``     the interface the bridge's APDU thread drives (and its reports)
+- ``pcsc``     that interface over pyscard/pcsc-lite, one card for one ``<reader>``
+- ``choice``   which reader's card to serve (sans-IO)
+- ``monitor``  the thread that watches readers and feeds the choice
+- ``listing``  every reader with its card state (``ccidbridge readers``, the lab)
+- ``errors``   PC/SC result codes: names, and what each says about the card
 """

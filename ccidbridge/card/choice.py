@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from smartcard import scard
 
-from ccidbridge.config.model import ReaderSpec
 from ccidbridge.protocol.atr import hexatr
+from ccidbridge.spec import ReaderSpec
 
 #: C2: pcsc-lite's PCSCLITE_MAX_READERS_CONTEXTS is 16, PnP included.
 MAX_WATCHED = 15

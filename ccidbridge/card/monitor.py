@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from smartcard import scard
 
 from ccidbridge.card import errors as pe
-from ccidbridge.card.choice import Notice, ReaderChoice
-from ccidbridge.config.model import ReaderSpec
+from ccidbridge.card.choice import ChoiceOutput, Notice, ReaderChoice
+from ccidbridge.spec import ReaderSpec
 
 PNP_READER = "\\\\?PnP?\\Notification"
 #: GetStatusChange timeout: the fallback rescan of the reader list.
@@ -75,7 +75,7 @@ class Monitor:
 
     # -- the thread ------------------------------------------------------------------
 
-    def _emit(self, outputs: list[object]) -> None:
+    def _emit(self, outputs: Sequence[ChoiceOutput]) -> None:
         for out in outputs:
             if isinstance(out, Notice):
                 self._log.log(out.level, "%s", out.message)
@@ -113,7 +113,7 @@ class Monitor:
                         return None
                     self._ctx = ctx
                 self._emit(self.choice.service_up())
-                return ctx
+                return int(ctx)
             self._emit(self.choice.service_down())
             self._stopping.wait(delay)
             delay = min(delay * 2, BACKOFF_MAX)

@@ -40,8 +40,8 @@ from ccidbridge.card import errors as pe
 from ccidbridge.card.base import CardReport, Inserted, Removed, TransmitFailed
 from ccidbridge.card.choice import Attach, Detach, Poke, atr_matches
 from ccidbridge.card.monitor import Monitor, ServiceLost
-from ccidbridge.config.model import Protocol, ReaderSpec, Share
 from ccidbridge.protocol.atr import hexatr
+from ccidbridge.spec import CardProtocol, ReaderSpec, Share
 
 LEAVE = scard.SCARD_LEAVE_CARD
 #: Backoff for retrying a connect (a busy card, a context pcscd refused).
@@ -49,9 +49,9 @@ BACKOFF_FIRST = 0.05
 BACKOFF_MAX = 1.0
 
 PROTOCOLS = {
-    Protocol.ANY: scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
-    Protocol.T0: scard.SCARD_PROTOCOL_T0,
-    Protocol.T1: scard.SCARD_PROTOCOL_T1,
+    CardProtocol.ANY: scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1,
+    CardProtocol.T0: scard.SCARD_PROTOCOL_T0,
+    CardProtocol.T1: scard.SCARD_PROTOCOL_T1,
 }
 SHARE_MODES = {
     Share.EXCLUSIVE: scard.SCARD_SHARE_EXCLUSIVE,

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
-from ccidbridge.config.model import ReaderSpec
 from ccidbridge.config.serving import notes
+from ccidbridge.spec import ReaderSpec
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "check", help="validate a config and show what `run` would serve",
-        description="Validate CONFIG (schema + libvirt 9.0's rules) and list which cards "
+        description="Validate CONFIG (libvirt 9.0's vocabulary and rules) and list which cards "
         "`ccidbridge run` would serve, and which it would not, with the reason.",
     )
     parser.add_argument("config", metavar="CONFIG")
@@ -52,4 +53,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {label}: {reason}")
     for note in notes(config):
         print(f"note: {note}")
-    return 0
+    for refusal in config.refused:
+        print(refusal, file=sys.stderr)
+    return EXIT_CONFIG if config.refused else 0

@@ -7,11 +7,10 @@ import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.commands.qemu_argv import add_version_option, version_of
-from ccidbridge.config.layout import layout
 from ccidbridge.config.libvirt_xml import render
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "libvirt", help="print the devices to paste into a libvirt domain",
         description="Print CONFIG's ccid controller(s), smartcard(s) and channel(s) as "
@@ -33,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return EXIT_CONFIG
-    sys.stdout.write(render(layout(config.devices), version_of(args), portable=args.portable))
+    sys.stdout.write(render(config.layout, version_of(args), portable=args.portable))
     return 0

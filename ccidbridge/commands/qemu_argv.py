@@ -7,7 +7,6 @@ import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
 from ccidbridge.config.installed import qemu_version
-from ccidbridge.config.layout import layout
 from ccidbridge.config.qemu_argv import QemuVersion, render
 
 
@@ -30,7 +29,7 @@ def version_of(args: argparse.Namespace) -> QemuVersion:
     return args.qemu_version if args.qemu_version is not None else qemu_version()
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "qemu-argv", help="print the QEMU arguments for the config's devices",
         description="Print the QEMU arguments libvirt 9.0 builds for CONFIG's devices, "
@@ -49,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return EXIT_CONFIG
-    sys.stdout.write(render(layout(config.devices), version_of(args), add_usb=args.usb))
+    sys.stdout.write(render(config.layout, version_of(args), add_usb=args.usb))
     return 0

@@ -3,7 +3,7 @@
 The ATR is printed the way ``<reader atr=...>`` accepts it, so it can be
 copied into a config.  When pcscd is not running this says so in one line and
 exits 1 (pyscard itself would raise an EstablishContextException,
-test-stack.md §1).
+docs/pcsc-lite.md#P1).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ccidbridge.card.pcsc import ReaderInfo
+    from ccidbridge.card.listing import ReaderInfo
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "readers",
         help="list the host's PC/SC readers, whether a card is present, and its ATR",
@@ -52,12 +52,14 @@ def as_json(infos: list[ReaderInfo]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:  # imported here: a broken pyscard must not break the other commands
-        from ccidbridge.card.pcsc import PcscUnavailable, list_readers
+        from ccidbridge.card.listing import PcscUnavailable, reader_infos
     except ImportError as exc:
+        if not (exc.name or "").startswith("smartcard"):
+            raise  # our own bug: let it show
         print(f"ccidbridge: pyscard is not usable: {exc}", file=sys.stderr)
         return 1
     try:
-        infos = list_readers()
+        infos = reader_infos()
     except PcscUnavailable as exc:
         print(f"ccidbridge: {exc}", file=sys.stderr)
         return 1

@@ -9,7 +9,7 @@ import sys
 from ccidbridge.commands import EXIT_CONFIG, load_config
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "run",
         help="serve the passthrough smartcards of one or more configs",
@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     for path in args.configs:
         config = load_config(path)
         if config is None:
+            return EXIT_CONFIG
+        if config.refused:
+            for refusal in config.refused:
+                print(refusal, file=sys.stderr)
             return EXIT_CONFIG
         for label, reason in config.unserved():
             logging.getLogger("ccidbridge").warning("not serving %s: %s", label, reason)

@@ -1,8 +1,8 @@
 """libvirt 9.0's normalization of the config's devices: indexes, addresses, aliases.
 
-Pure: from ``Devices`` to a ``Layout`` that both renderers read.  The rules,
-all checked against ``virsh define`` + ``dumpxml --inactive`` and
-``domxml-to-native`` (tests/test_libvirt_oracle.py):
+Pure: from ``Devices`` to a ``Layout`` that both renderers read.  The rules
+(docs/libvirt.md#L4 .. #L8), all checked against ``virsh define`` +
+``dumpxml --inactive`` and ``domxml-to-native`` (tests/test_libvirt_oracle.py):
 
 * A smartcard without an address gets ``controller='0' slot='0'``; a missing
   ``<controller type='ccid' index='0'>`` is added (virDomainDefMaybeAddSmartcardController).
@@ -111,10 +111,13 @@ def _controller_indexes(controllers: tuple[CcidController, ...]) -> list[tuple[i
     """``(index, line)`` of the listed controllers; a missing index takes the lowest free one."""
     used = {c.index for c in controllers if c.index is not None}
     out: list[tuple[int, int]] = []
+    lowest = 0  # the lowest index that may be free: only grows, as ``used`` does
     for ctl in controllers:
         index = ctl.index
         if index is None:
-            index = next(i for i in range(len(used) + len(controllers) + 1) if i not in used)
+            while lowest in used:
+                lowest += 1
+            index = lowest
             used.add(index)
         out.append((index, ctl.line))
     return out
@@ -132,15 +135,21 @@ def layout(devices: Devices) -> Layout:
 
     cards: list[PlacedCard] = []
     occupied: set[int] = set()
+    listed_indexes = [idx for idx, _ in order]  # sorted; the only ones that can be free
+    next_listed = 0  # listed_indexes[:next_listed] are all occupied
+    highest = max(indexes, default=-1)
     for number, card in enumerate(devices.smartcards):
         if number == 0:
             controller = card.address.controller if card.address else 0
         else:
-            free = [idx for idx, _ in order if idx not in occupied]
-            controller = free[0] if free else max(indexes | occupied) + 1
+            while next_listed < len(listed_indexes) and listed_indexes[next_listed] in occupied:
+                next_listed += 1
+            free = next_listed < len(listed_indexes)
+            controller = listed_indexes[next_listed] if free else highest + 1
         if controller not in indexes:
             order.append((controller, 0))
             indexes.add(controller)
+            highest = max(highest, controller)
         occupied.add(controller)
         cards.append(PlacedCard(card=card, number=number, controller=controller))
 
@@ -163,10 +172,10 @@ def layout(devices: Devices) -> Layout:
         if c.address is not None
     }
     channels: list[PlacedChannel] = []
+    port = 1  # the lowest free port on controller 0 bus 0 only grows, as vs_taken does
     for number, channel in enumerate(devices.channels):
         address = channel.address
         if address is None:
-            port = 1
             while (0, 0, port) in vs_taken:
                 port += 1
             address = VirtioSerialAddress(controller=0, bus=0, port=port)

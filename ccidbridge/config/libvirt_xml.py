@@ -2,8 +2,9 @@
 
 Pure text rendering, formatted exactly as libvirt's formatter prints devices
 inside ``<devices>`` (4 spaces, single-quoted attributes, virBufferEscapeString
-escaping).  The rules it follows (domain_conf.c virDomainSmartcardDefFormat,
-virDomainChrSourceDefFormat, virDomainControllerDefFormat):
+escaping).  The rules it follows (docs/libvirt.md#L9; domain_conf.c
+virDomainSmartcardDefFormat, virDomainChrSourceDefFormat,
+virDomainControllerDefFormat):
 
 * devices are grouped by kind: controllers, then smartcards, then channels;
   ccid controllers by index (as libvirt keeps them once pasted); libvirt adds

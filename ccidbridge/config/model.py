@@ -1,92 +1,22 @@
-"""The config model: what a ccidbridge XML file says, independent of XML.
+"""The config model: what a ccidbridge XML file's devices say, independent of XML.
 
-The parser (``ccidbridge.config.parse``) builds these; the renderers
-(``ccidbridge.config.libvirt_xml``, ``ccidbridge.config.qemu_argv``) and the
-bridge runtime only ever read them.  All classes are frozen.
-
-This module starts with the runtime-facing part (what ``ccidbridge run``
-needs to serve one passthrough card); the libvirt device model is below it.
+The parser (``ccidbridge.config.parse``) builds these; the layout and the
+renderers (``ccidbridge.config.libvirt_xml``, ``ccidbridge.config.qemu_argv``)
+only ever read them.  All classes are frozen.  What the runtime is given
+(reader spec, endpoint, served card) lives in the neutral ``ccidbridge.spec``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
+from ccidbridge.spec import ReaderSpec, TlsSpec
 
-class Share(str, Enum):  # noqa: UP042 (the runtime's API)
-    """How the bridge holds the host card (``<reader share=...>``)."""
+# The <controller>, <smartcard> and <channel> children of <ccidbridge>, in libvirt 9.0's
+# vocabulary (config/vocabulary.py states which attributes and values each takes).
 
-    EXCLUSIVE = "exclusive"  # SCARD_SHARE_EXCLUSIVE: other host programs get a sharing violation
-    SHARED = "shared"  # SCARD_SHARE_SHARED, each guest APDU inside Begin/EndTransaction
-
-
-class Protocol(str, Enum):  # noqa: UP042 (the runtime's API)
-    """Which protocol the bridge asks PC/SC for (``<reader protocol=...>``)."""
-
-    ANY = "any"
-    T0 = "T0"
-    T1 = "T1"
-
-
-@dataclass(frozen=True)
-class ReaderSpec:
-    """ccidbridge's own ``<reader>``: which host PC/SC reader feeds the card.
-
-    With neither ``name`` nor ``match``: the first reader holding a card.
-    """
-
-    name: str | None = None  # exact PC/SC reader name
-    match: str | None = None  # fnmatch-style glob over reader names
-    atr: bytes | None = None  # only a card with exactly this ATR is served
-    atr_mask: bytes | None = None  # optional mask for ``atr`` (same length)
-    share: Share = Share.EXCLUSIVE
-    protocol: Protocol = Protocol.ANY
-    rewrite_atr: bool = True  # announce T=0 to QEMU's T=0-only reader (``rewrite-atr='no'`` off)
-    apdu_timeout: float = 30.0  # seconds before a silent card's APDU is failed (``timeout=``)
-    line: int = 0  # line of the <reader> (or <smartcard>) element, for messages
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the bridge meets QEMU's chardev for one passthrough card.
-
-    libvirt's ``<source mode='bind'>`` means QEMU listens, so the bridge
-    connects (``bridge_listens=False``); ``mode='connect'`` (libvirt's default)
-    means QEMU connects and the bridge listens.
-    """
-
-    kind: str  # "tcp" or "unix"
-    bridge_listens: bool
-    host: str | None = None  # tcp
-    port: int | None = None  # tcp
-    path: str | None = None  # unix
-
-    def describe(self) -> str:
-        where = f"{self.host}:{self.port}" if self.kind == "tcp" else self.path
-        return f"{self.kind} {where} ({'listening' if self.bridge_listens else 'connecting'})"
-
-
-@dataclass(frozen=True)
-class ServedCard:
-    """One passthrough smartcard that ``ccidbridge run`` serves."""
-
-    label: str  # e.g. "vm.xml:3 smartcard0" — used in every log line about this card
-    endpoint: Endpoint
-    reader: ReaderSpec
-    source_file: str = ""
-    line: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# The libvirt device model: what the <controller>, <smartcard> and <channel> children of
-# <ccidbridge> say, in libvirt 9.0's vocabulary (docs/formatdomain.rst, domaincommon.rng).
-
-SMARTCARD_MODES = ("host", "host-certificates", "passthrough")
-TCP_PROTOCOLS = ("raw", "telnet", "telnets", "tls")
 DEFAULT_NSS_DB = "/etc/pki/nssdb"  # libvirt's db= when <database> is absent
 DEFAULT_TLS_DIR = "/etc/pki/qemu"  # qemu.conf default_tls_x509_cert_dir on Debian
-SPICE_AGENT_NAME = "com.redhat.spice.0"  # the only spicevmc channel target name QEMU takes
 
 
 @dataclass(frozen=True)
@@ -103,7 +33,8 @@ class CharSource:
 
     mode: str = "connect"  # "bind" or "connect"; libvirt's default is connect
     host: str | None = None
-    service: str | None = None
+    service: str | None = None  # as written (libvirt prints it back unchanged)
+    port: int | None = None  # ``service`` resolved once by the parser (a number or a name)
     path: str | None = None
     channel: str | None = None  # spiceport
     append: bool | None = None  # file
@@ -163,12 +94,14 @@ class CcidAddress:
 class Smartcard:
     """One ``<smartcard>``; ``reader`` is ccidbridge's own host-side element."""
 
-    mode: str  # one of SMARTCARD_MODES
+    mode: str  # one of vocabulary.SMARTCARD_MODES
     certificates: tuple[str, ...] = ()  # host-certificates: exactly three NSS nicknames
     database: str | None = None  # host-certificates: absolute NSS db directory
     chardev: Chardev | None = None  # passthrough
     address: CcidAddress | None = None
     reader: ReaderSpec | None = None  # passthrough only
+    tls: TlsSpec | None = None  # passthrough over tcp with tls='yes': the bridge's x509 files
+    cleartext_network: bool = False  # <cleartext network='yes'/>: accepted without TLS off-host
     line: int = 0
 
 
@@ -195,23 +128,3 @@ class Devices:
     controllers: tuple[CcidController, ...] = ()
     smartcards: tuple[Smartcard, ...] = ()
     channels: tuple[SpiceChannel, ...] = ()
-
-
-@dataclass(frozen=True)
-class Config:
-    """A loaded ccidbridge config (see ``ccidbridge.config.load``)."""
-
-    path: str
-    devices: Devices
-
-    def served_cards(self) -> list[ServedCard]:
-        """The passthrough cards ``ccidbridge run`` serves, one per reachable socket chardev."""
-        from ccidbridge.config.serving import served_cards
-
-        return served_cards(self)
-
-    def unserved(self) -> list[tuple[str, str]]:
-        """``(label, reason)`` for every device the bridge does not serve."""
-        from ccidbridge.config.serving import unserved
-
-        return unserved(self)

@@ -1,10 +1,13 @@
-"""From a ``<ccidbridge>`` element tree to the frozen model, with libvirt 9.0's checks.
+"""From a ``<ccidbridge>`` document to the frozen model, with libvirt 9.0's checks.
 
-Each check names the libvirt rule it mirrors (domain_conf.c's parser, the QEMU
-driver's validator qemu_validate.c, or domaincommon.rng) and reports
-``FILE:LINE: what is wrong, what is allowed``.  Where libvirt accepts something
-that cannot work (a relative unix socket path, an out-of-range port), the check
-is stricter and says why.
+Which elements, attributes and values exist is vocabulary.py's; this module
+checks each element against its entry there (messages included) and adds the
+rules across attributes and devices.  Each check names the libvirt rule it
+mirrors (domain_conf.c's parser, the QEMU driver's validator qemu_validate.c,
+or domaincommon.rng; docs/libvirt.md#L1) and reports ``FILE:LINE: what is
+wrong, what is allowed``.  Where libvirt accepts something that cannot work (a
+relative unix socket path, an out-of-range port), the check is stricter and
+says why.  Every value is resolved here, once (a service name to its port).
 """
 
 from __future__ import annotations
@@ -12,84 +15,76 @@ from __future__ import annotations
 import math
 import re
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from dataclasses import replace
 
 from lxml import etree
 
+from ccidbridge import tls
+from ccidbridge.config.document import Document
 from ccidbridge.config.errors import ConfigError
 from ccidbridge.config.model import (
-    SMARTCARD_MODES,
-    SPICE_AGENT_NAME,
-    TCP_PROTOCOLS,
     CcidAddress,
     CcidController,
     Chardev,
     CharSource,
     Devices,
-    Protocol,
-    ReaderSpec,
     Reconnect,
-    Share,
     Smartcard,
     SpiceChannel,
     UsbAddress,
     VirtioSerialAddress,
 )
+from ccidbridge.config.vocabulary import (
+    CHARDEV_TYPES,
+    ELEMENTS,
+    LIBVIRT_CHARDEV_TYPES,
+    RECONNECT_TYPES,
+    SMARTCARD_BY_MODE,
+    SOURCE_BY_TYPE,
+    SPICE_AGENT_NAME,
+    Element,
+)
+from ccidbridge.spec import CardProtocol, ReaderSpec, Share, TlsSpec
 
-# libvirt 9.0 qemucdevSrcTypeChoice: every chardev type the domain schema accepts.
-LIBVIRT_CHARDEV_TYPES = (
-    "dev", "file", "pipe", "unix", "tcp", "udp", "null", "stdio", "vc", "pty",
-    "spicevmc", "spiceport", "nmdm", "qemu-vdagent", "dbus",
-)
-# The ones ccidbridge renders (nmdm is FreeBSD-only; qemu-vdagent and dbus carry no VSCard).
-CHARDEV_TYPES = (
-    "tcp", "unix", "udp", "pty", "file", "pipe", "dev", "null", "vc", "stdio",
-    "spicevmc", "spiceport",
-)
-# Which <source> attributes each chardev type reads (domain_conf.c virDomainChrSourceDefParseXML).
-_SOURCE_ATTRS = {
-    "tcp": ("mode", "host", "service", "tls"),
-    "unix": ("mode", "path"),
-    "udp": ("mode", "host", "service"),
-    "file": ("path", "append"),
-    "pipe": ("path",),
-    "dev": ("path",),
-    "spiceport": ("channel",),
-}
-_UINT = re.compile(r"[0-9]+")
-_CCID_NUMBER = re.compile(r"[0-9]{1,2}")  # domaincommon.rng ccidaddress
-_USB_PORT = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){0,4}")  # domaincommon.rng usbPort
 _HEX = re.compile(r"[0-9a-fA-F]*")
+E = ELEMENTS
 
 
 class _Reader:
-    """Element helpers that raise ConfigError with the element's line."""
+    """Element helpers that check against the vocabulary and raise ConfigError with the line."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.path = doc.path
+
+    def line(self, node: etree._Element) -> int:
+        return self.doc.line(node)
 
     def fail(self, node: etree._Element, message: str) -> ConfigError:
-        return ConfigError(self.path, node.sourceline, message)
+        return ConfigError(self.path, self.line(node), message)
 
     def fail_at(self, line: int, message: str) -> ConfigError:
         return ConfigError(self.path, line or None, message)
 
-    def attrs(self, node: etree._Element, allowed: Iterable[str]) -> dict[str, str]:
-        allowed = tuple(allowed)
+    def attrs(self, node: etree._Element, spec: Element,
+              only: tuple[str, ...] | None = None) -> None:
+        """Every attribute of ``node`` is one ``spec`` (or ``only``) names."""
+        allowed = spec.names if only is None else only
         for name in node.attrib:
             if name not in allowed:
                 what = ", ".join(allowed) if allowed else "none"
                 raise self.fail(
-                    node, f"<{node.tag}> has no attribute '{name}' here; allowed: {what}"
+                    node, f"<{node.tag}> has no attribute '{name!s}' here; allowed: {what}"
                 )
-        return dict(node.attrib)
 
-    def children(
-        self, node: etree._Element, allowed: Iterable[str], text: bool = False
-    ) -> Iterator[etree._Element]:
-        allowed = tuple(allowed)
-        if not text and (node.text or "").strip():
-            raise self.fail(node, f"<{node.tag}> holds text {node.text.strip()!r}; "
+    def children(self, node: etree._Element, spec: Element,
+                 only: tuple[str, ...] | None = None) -> Iterator[etree._Element]:
+        """The child elements of ``node``, each one ``spec`` (or ``only``) allows."""
+        allowed = spec.children if only is None else only
+        text = (node.text or "").strip()
+        if not spec.text and text:
+            raise self.fail(node, f"<{node.tag}> holds text {text!r}; "
                             "it takes only attributes and child elements")
         for child in node:
             if not isinstance(child.tag, str):  # comment or processing instruction
@@ -98,44 +93,49 @@ class _Reader:
                 what = ", ".join(f"<{a}>" for a in allowed) if allowed else "no child elements"
                 raise self.fail(child, f"unexpected <{child.tag}> inside <{node.tag}>; "
                                 f"allowed: {what}")
-            if not text and (child.tail or "").strip():
-                raise self.fail(child, f"stray text {child.tail.strip()!r} after <{child.tag}>")
+            tail = (child.tail or "").strip()
+            if not spec.text and tail:
+                raise self.fail(child, f"stray text {tail!r} after <{child.tag}>")
             yield child
 
-    def choice(self, node: etree._Element, name: str, allowed: Iterable[str],
-               default: str | None = None, libvirt: str = "") -> str | None:
-        value = node.get(name)
+    def leaf(self, node: etree._Element, spec: Element) -> None:
+        """``node``'s attributes and (no) children, for an element without children."""
+        self.attrs(node, spec)
+        list(self.children(node, spec))
+
+    def value(self, node: etree._Element, spec: Element, name: str) -> str | None:
+        """Attribute ``name`` checked against the vocabulary (its default when absent)."""
+        attr = spec.attr(name)
+        value: str | None = node.get(name)
         if value is None:
-            return default
-        allowed = tuple(allowed)
-        if value not in allowed:
+            return attr.default
+        if attr.kind == "enum" and value not in attr.values:
+            libvirt = attr.libvirt.format(value=value)
             raise self.fail(node, f"<{node.tag} {name}='{value}'> is not valid; allowed: "
-                            + "|".join(allowed) + (f" ({libvirt})" if libvirt else ""))
+                            + "|".join(attr.values) + (f" ({libvirt})" if libvirt else ""))
+        if attr.pattern is not None and not re.fullmatch(attr.pattern, value):
+            raise self.fail(node, f"<{node.tag} {name}='{value}'> must be {attr.what}")
         return value
 
-    def yes_no(self, node: etree._Element, name: str, yes: str = "yes",
-               no: str = "no") -> bool | None:
-        value = self.choice(node, name, (yes, no))
-        return None if value is None else value == yes
+    def yes_no(self, node: etree._Element, spec: Element, name: str) -> bool | None:
+        """A two-valued attribute (yes|no, on|off): True for the first value."""
+        value = self.value(node, spec, name)
+        return None if value is None else value == spec.attr(name).values[0]
 
-    def uint(self, node: etree._Element, name: str, pattern: re.Pattern[str] = _UINT,
-             what: str = "an unsigned integer") -> int | None:
-        value = node.get(name)
-        if value is None:
-            return None
-        if not pattern.fullmatch(value):
-            raise self.fail(node, f"<{node.tag} {name}='{value}'> must be {what}")
-        return int(value)
+    def uint(self, node: etree._Element, spec: Element, name: str) -> int | None:
+        value = self.value(node, spec, name)
+        return None if value is None else int(value)
 
 
-def parse_devices(root: etree._Element, path: str) -> Devices:
-    """The model of a ``<ccidbridge>`` element (already known to be the root)."""
-    r = _Reader(path)
-    r.attrs(root, ())
+def parse_devices(doc: Document) -> Devices:
+    """The model of a ``<ccidbridge>`` document (its root already checked)."""
+    r = _Reader(doc)
+    root = doc.root
+    r.attrs(root, E["ccidbridge"])
     controllers: list[CcidController] = []
     smartcards: list[Smartcard] = []
     channels: list[SpiceChannel] = []
-    for node in r.children(root, ("smartcard", "controller", "channel")):
+    for node in r.children(root, E["ccidbridge"]):
         if node.tag == "smartcard":
             smartcards.append(_smartcard(r, node))
         elif node.tag == "controller":
@@ -155,34 +155,35 @@ def _controller(r: _Reader, node: etree._Element) -> CcidController:
 
     domaincommon.rng: ccid shares the "common attributes only" group (no model).
     """
-    r.attrs(node, ("type", "index"))
+    spec = E["controller"]
+    r.attrs(node, spec)
     kind = node.get("type")
     if kind != "ccid":
         raise r.fail(node, f"<controller type='{kind}'> is not a ccidbridge device; allowed: "
                      "type='ccid' (the domain's own USB/PCI controllers stay in the domain)")
-    index = r.uint(node, "index")
+    index = r.uint(node, spec, "index")
     usb = None
-    for child in r.children(node, ("address",)):
+    for child in r.children(node, spec):
         if usb is not None:
             raise r.fail(child, "a <controller> takes one <address>")
         usb = _usb_address(r, child)
-    return CcidController(index=index, usb=usb, line=node.sourceline or 0)
+    return CcidController(index=index, usb=usb, line=r.line(node))
 
 
 def _usb_address(r: _Reader, node: etree._Element) -> UsbAddress:
-    r.attrs(node, ("type", "bus", "port"))
-    list(r.children(node, ()))
+    spec = E["controller/address"]
+    r.leaf(node, spec)
     if node.get("type") != "usb":
         raise r.fail(node, f"a ccid controller's <address type='{node.get('type')}'> is not "
                      "valid; allowed: type='usb' bus='N' port='P' (it is a USB device)")
-    bus = r.uint(node, "bus")
+    bus = r.uint(node, spec, "bus")
     port = node.get("port")
     if bus is None or port is None:
         raise r.fail(node, "<address type='usb'> needs both bus='N' and port='P' (e.g. "
                      "bus='0' port='2'); leave the address out to let libvirt pick a port")
-    if not _USB_PORT.fullmatch(port) or port.split(".")[0] == "0":
-        raise r.fail(node, f"USB port='{port}' is not valid; allowed: 1-999, or a hub path "
-                     "like '1.2'")
+    port_attr = spec.attr("port")
+    if not re.fullmatch(port_attr.pattern or "", port) or port.split(".")[0] == "0":
+        raise r.fail(node, f"USB port='{port}' is not valid; allowed: {port_attr.what}")
     return UsbAddress(bus=bus, port=port)
 
 
@@ -191,22 +192,21 @@ def _usb_address(r: _Reader, node: etree._Element) -> UsbAddress:
 
 def _smartcard(r: _Reader, node: etree._Element) -> Smartcard:
     """One ``<smartcard>`` (formatdomain.rst "Smartcard devices")."""
-    line = node.sourceline or 0
+    spec = E["smartcard"]
+    line = r.line(node)
     mode = node.get("mode")
     if mode is None:
         raise r.fail(node, "<smartcard> needs mode='host|host-certificates|passthrough' "
                      "(libvirt: Missing required attribute 'mode' in element 'smartcard')")
-    r.choice(node, "mode", SMARTCARD_MODES,
-             libvirt=f"libvirt: Invalid value for attribute 'mode' in element "
-             f"'smartcard': '{mode}'")
+    r.value(node, spec, "mode")
     if mode == "passthrough":
         return _passthrough(r, node)
-    r.attrs(node, ("mode",))
+    attrs, children = SMARTCARD_BY_MODE[mode]
+    r.attrs(node, spec, attrs)
     address = None
     certificates: list[str] = []
     database = None
-    allowed = ("address",) if mode == "host" else ("certificate", "database", "address")
-    for child in r.children(node, allowed):
+    for child in r.children(node, spec, children):
         if child.tag == "address":
             if address is not None:
                 raise r.fail(child, "a <smartcard> takes one <address>")
@@ -215,8 +215,7 @@ def _smartcard(r: _Reader, node: etree._Element) -> Smartcard:
         if address is not None:
             raise r.fail(child, f"<{child.tag}> must come before <address> (libvirt schema "
                          "order: three <certificate>, optional <database>, optional <address>)")
-        r.attrs(child, ())
-        list(r.children(child, (), text=True))
+        r.leaf(child, E[child.tag])
         text = child.text or ""
         if child.tag == "certificate":
             if database is not None:
@@ -241,7 +240,9 @@ def _smartcard(r: _Reader, node: etree._Element) -> Smartcard:
 
 def _passthrough(r: _Reader, node: etree._Element) -> Smartcard:
     """``mode='passthrough'``: a chardev of any libvirt type, plus ccidbridge's ``<reader>``."""
-    r.attrs(node, ("mode", "type"))
+    spec = E["smartcard"]
+    attrs, children = SMARTCARD_BY_MODE["passthrough"]
+    r.attrs(node, spec, attrs)
     kind = node.get("type")
     if kind is None:
         raise r.fail(node, "mode='passthrough' needs a character device type, e.g. "
@@ -259,54 +260,84 @@ def _passthrough(r: _Reader, node: etree._Element) -> Smartcard:
     protocol = None
     log_file = log_append = None
     address = reader = None
+    tls_node: etree._Element | None = None
+    cleartext = False
     seen: set[str] = set()
-    for child in r.children(node, ("source", "protocol", "log", "address", "reader")):
+    for child in r.children(node, spec, children):
         if child.tag in seen and child.tag != "source":
             raise r.fail(child, f"a <smartcard> takes at most one <{child.tag}>")
         seen.add(child.tag)
         if child.tag == "source":
             sources.append(_source(r, child, kind))
         elif child.tag == "protocol":
-            r.attrs(child, ("type",))
-            list(r.children(child, ()))
-            if kind == "tcp":
-                protocol = r.choice(child, "type", TCP_PROTOCOLS, libvirt="libvirt: Unknown "
-                                    f"protocol '{child.get('type')}'")
-            else:  # libvirt parses it for tcp only and drops it otherwise
-                r.choice(child, "type", TCP_PROTOCOLS)
+            r.leaf(child, E["protocol"])
+            value = r.value(child, E["protocol"], "type")
+            if kind == "tcp":  # libvirt parses it for tcp only and drops it otherwise
+                protocol = value
         elif child.tag == "log":
-            r.attrs(child, ("file", "append"))
-            list(r.children(child, ()))
+            r.leaf(child, E["log"])
             log_file = child.get("file")
             if not log_file or not log_file.startswith("/"):
                 raise r.fail(child, "<log> needs file='/absolute/path' (libvirt schema "
                              "absFilePath)")
-            log_append = r.yes_no(child, "append", "on", "off")
+            log_append = r.yes_no(child, E["log"], "append")
         elif child.tag == "address":
             address = _ccid_address(r, child)
+        elif child.tag == "tls":
+            tls_node = child
+        elif child.tag == "cleartext":
+            r.leaf(child, E["cleartext"])
+            cleartext = r.yes_no(child, E["cleartext"], "network") is True
         else:
             reader = _reader(r, child)
-    _check_sources(r, node, kind, sources)
+    sources = _check_sources(r, node, kind, sources)
+    tls_spec = _tls(r, tls_node, kind, sources) if tls_node is not None else None
     return Smartcard(
         mode="passthrough",
         chardev=Chardev(type=kind, sources=tuple(sources), protocol=protocol,
                         log_file=log_file, log_append=log_append),
-        address=address, reader=reader, line=node.sourceline or 0,
+        address=address, reader=reader, tls=tls_spec, cleartext_network=cleartext,
+        line=r.line(node),
     )
 
 
+def _tls(r: _Reader, node: etree._Element, kind: str, sources: list[CharSource]) -> TlsSpec:
+    """ccidbridge's ``<tls dir=...>``: the bridge's side of a tls='yes' chardev.
+
+    The files are loaded here, as the bridge will load them (ccidbridge/tls.py),
+    so a missing or mismatched file is a config error at its line.
+    """
+    spec = E["tls"]
+    r.leaf(node, spec)
+    src = sources[0] if sources else None
+    if kind != "tcp" or src is None or src.tls is not True:
+        raise r.fail(node, "<tls> holds the bridge's certificates for a tcp chardev with "
+                     "<source ... tls='yes'/>; this one does not use TLS")
+    directory = node.get("dir")
+    if not directory or not directory.startswith("/"):
+        raise r.fail(node, "<tls> needs dir='/absolute/directory' (QEMU's layout: "
+                     "ca-cert.pem, client-cert.pem + client-key.pem or server-cert.pem + "
+                     "server-key.pem)")
+    names = tuple((r.value(node, spec, "peer-names") or "").split())
+    tls_spec = TlsSpec(dir=directory, peer_names=names, line=r.line(node))
+    try:
+        tls.context(tls_spec, listens=src.mode == "connect")
+    except tls.TlsFilesError as exc:
+        raise r.fail(node, f"<tls>: {exc}") from None
+    return tls_spec
+
+
 def _source(r: _Reader, node: etree._Element, kind: str) -> CharSource:
-    allowed = _SOURCE_ATTRS.get(kind)
+    spec = E["source"]
+    allowed = SOURCE_BY_TYPE.get(kind)
     if allowed is None:
         raise r.fail(node, f"type='{kind}' takes no <source>")
-    r.attrs(node, allowed)
+    r.attrs(node, spec, allowed)
     reconnect = None
-    for child in r.children(node, ("reconnect",) if kind in ("tcp", "unix") else ()):
+    for child in r.children(node, spec, spec.children if kind in RECONNECT_TYPES else ()):
         reconnect = _reconnect(r, child)
-    mode = r.choice(node, "mode", ("bind", "connect"), default="connect",
-                    libvirt=f"libvirt: Invalid value for attribute 'mode' in element "
-                    f"'source': '{node.get('mode')}'")
-    assert mode is not None
+    mode = r.value(node, spec, "mode")
+    assert mode is not None  # it has a default
     if reconnect is not None and mode != "connect":
         raise r.fail(node, "<reconnect> needs <source mode='connect'> (QEMU dials out and "
                      "redials); a listening bind socket cannot reconnect (libvirt: chardev "
@@ -317,20 +348,20 @@ def _source(r: _Reader, node: etree._Element, kind: str) -> CharSource:
         service=node.get("service"),
         path=node.get("path"),
         channel=node.get("channel"),
-        append=r.yes_no(node, "append", "on", "off"),
-        tls=r.yes_no(node, "tls") if kind == "tcp" else None,
+        append=r.yes_no(node, spec, "append"),
+        tls=r.yes_no(node, spec, "tls") if kind == "tcp" else None,
         reconnect=reconnect,
-        line=node.sourceline or 0,
+        line=r.line(node),
     )
 
 
 def _reconnect(r: _Reader, node: etree._Element) -> Reconnect:
-    r.attrs(node, ("enabled", "timeout"))
-    list(r.children(node, ()))
-    enabled = r.yes_no(node, "enabled")
+    spec = E["reconnect"]
+    r.leaf(node, spec)
+    enabled = r.yes_no(node, spec, "enabled")
     if enabled is None:
         raise r.fail(node, "<reconnect> needs enabled='yes|no'")
-    timeout = r.uint(node, "timeout", what="a whole number of seconds")
+    timeout = r.uint(node, spec, "timeout")
     if enabled and timeout is None:
         raise r.fail(node, "<reconnect enabled='yes'> needs timeout='N' (seconds between "
                      "attempts; libvirt: Missing required attribute 'timeout' in element "
@@ -342,8 +373,11 @@ def _reconnect(r: _Reader, node: etree._Element) -> Reconnect:
 
 
 def _check_sources(r: _Reader, node: etree._Element, kind: str,
-                   sources: list[CharSource]) -> None:
-    """Per-type source rules (virDomainChrSourceDefValidate and the parser)."""
+                   sources: list[CharSource]) -> list[CharSource]:
+    """Per-type source rules (virDomainChrSourceDefValidate and the parser).
+
+    Returns the sources with ``port`` resolved from ``service``.
+    """
     limit = 2 if kind == "udp" else 1
     if len(sources) > limit:
         wanted = "one <source>" if limit == 1 else "one bind and one connect <source>"
@@ -375,8 +409,8 @@ def _check_sources(r: _Reader, node: etree._Element, kind: str,
                             else "a port 1-65535, e.g. service='2001'")
                     raise r.fail_at(s.line, f"<source> of type='{kind}' needs {attr}=: {hint} "
                                     f"(libvirt: Missing source {attr} attribute for char device)")
-            if s.service is not None:
-                _port(r, s)
+        sources = [replace(s, port=_port(r, s)) if s.service is not None else s
+                   for s in sources]
     elif kind in ("unix", "file", "pipe", "dev"):
         if src is None or not src.path:
             raise r.fail(node, f"type='{kind}' needs <source path='/absolute/path'/> "
@@ -386,12 +420,13 @@ def _check_sources(r: _Reader, node: etree._Element, kind: str,
                          "bridge would resolve a relative path against different directories")
     elif kind == "spiceport" and (src is None or not src.channel):
         raise r.fail(node, "type='spiceport' needs <source channel='org.example.name'/>")
+    return sources
 
 
 def _port(r: _Reader, src: CharSource) -> int:
     """A TCP/UDP service: a port number 1-65535 or a name from /etc/services."""
     service = src.service or ""
-    if _UINT.fullmatch(service):
+    if re.fullmatch("[0-9]+", service):
         port = int(service)
         if 1 <= port <= 65535:
             return port
@@ -406,27 +441,28 @@ def _port(r: _Reader, src: CharSource) -> int:
 
 def _ccid_address(r: _Reader, node: etree._Element) -> CcidAddress:
     """``<address type='ccid' controller='C' [slot='S']/>`` (domaincommon.rng ccidaddress)."""
-    r.attrs(node, ("type", "controller", "slot", "bus", "port"))
-    list(r.children(node, ()))
+    spec = E["smartcard/address"]
+    # bus= and port= too at first: a USB address here gets the message about its type.
+    r.attrs(node, spec, (*spec.names, "bus", "port"))
+    list(r.children(node, spec))
     if node.get("type") != "ccid":
         raise r.fail(node, f"a smartcard's <address type='{node.get('type')}'> is not valid; "
                      "allowed: type='ccid' controller='0' slot='0' (a card sits in a ccid "
                      "controller; give the controller its USB address instead; libvirt: "
                      "Controllers must use the 'ccid' address type)")
-    r.attrs(node, ("type", "controller", "slot"))
-    controller = r.uint(node, "controller", _CCID_NUMBER, "0-99")
+    r.attrs(node, spec)
+    controller = r.uint(node, spec, "controller")
     if controller is None:
         raise r.fail(node, "<address type='ccid'> needs controller='N' (the libvirt schema "
                      "requires it)")
-    slot = r.uint(node, "slot", _CCID_NUMBER, "0-99")
+    slot = r.uint(node, spec, "slot")
     return CcidAddress(controller=controller, slot=slot)
 
 
 def _reader(r: _Reader, node: etree._Element) -> ReaderSpec:
     """ccidbridge's ``<reader>``: which host PC/SC reader feeds this card."""
-    r.attrs(node, ("name", "match", "atr", "atr-mask", "share", "protocol", "rewrite-atr",
-                   "timeout"))
-    list(r.children(node, ()))
+    spec = E["reader"]
+    r.leaf(node, spec)
     name, match = node.get("name"), node.get("match")
     if name is not None and match is not None:
         raise r.fail(node, "<reader> takes name= (exact PC/SC name) or match= (a glob), "
@@ -439,10 +475,11 @@ def _reader(r: _Reader, node: etree._Element) -> ReaderSpec:
     if mask is not None and (atr is None or len(mask) != len(atr)):
         raise r.fail(node, "atr-mask= needs atr= of the same length (one mask byte per ATR "
                      "byte)")
-    share = r.choice(node, "share", [s.value for s in Share], default="exclusive")
-    protocol = r.choice(node, "protocol", [p.value for p in Protocol], default="any")
-    rewrite = r.yes_no(node, "rewrite-atr")
-    timeout = 30.0
+    share = Share(r.value(node, spec, "share"))
+    protocol = CardProtocol(r.value(node, spec, "protocol"))
+    rewrite = r.yes_no(node, spec, "rewrite-atr")
+    assert rewrite is not None  # it has a default
+    timeout = ReaderSpec.apdu_timeout
     if node.get("timeout") is not None:
         try:
             timeout = float(node.get("timeout", ""))
@@ -450,11 +487,10 @@ def _reader(r: _Reader, node: etree._Element) -> ReaderSpec:
             timeout = math.nan
         if not (math.isfinite(timeout) and timeout > 0):
             raise r.fail(node, f"<reader timeout='{node.get('timeout')}'> is not valid; "
-                         "allowed: seconds > 0, e.g. timeout='30'")
+                         f"allowed: {spec.attr('timeout').what}")
     return ReaderSpec(
-        name=name, match=match, atr=atr, atr_mask=mask, share=Share(share),
-        protocol=Protocol(protocol), rewrite_atr=True if rewrite is None else rewrite,
-        apdu_timeout=timeout, line=node.sourceline or 0,
+        name=name, match=match, atr=atr, atr_mask=mask, share=share, protocol=protocol,
+        rewrite_atr=rewrite, apdu_timeout=timeout, line=r.line(node),
     )
 
 
@@ -474,15 +510,15 @@ def _hex(r: _Reader, node: etree._Element, name: str) -> bytes | None:
 
 def _channel(r: _Reader, node: etree._Element) -> SpiceChannel:
     """``<channel type='spicevmc'>`` with ``<target type='virtio'>`` (formatdomain "Channel")."""
-    r.attrs(node, ("type",))
+    spec = E["channel"]
+    r.attrs(node, spec)
     if node.get("type") != "spicevmc":
         raise r.fail(node, f"<channel type='{node.get('type')}'> is not a ccidbridge device; "
                      "allowed: type='spicevmc' (the SPICE agent channel)")
     target = address = None
-    for child in r.children(node, ("target", "address")):
+    for child in r.children(node, spec):
         if child.tag == "target":
-            r.attrs(child, ("type", "name"))
-            list(r.children(child, ()))
+            r.leaf(child, E["target"])
             if child.get("type") is None:
                 raise r.fail(child, "<target> needs type='virtio' (libvirt: target type must "
                              "be specified for channel device)")
@@ -496,22 +532,21 @@ def _channel(r: _Reader, node: etree._Element) -> SpiceChannel:
                              f"spicevmc target name '{name}')")
             target = child
         else:
-            r.attrs(child, ("type", "controller", "bus", "port"))
-            list(r.children(child, ()))
+            address_spec = E["channel/address"]
+            r.leaf(child, address_spec)
             if child.get("type") != "virtio-serial":
                 raise r.fail(child, "a channel's <address> must be type='virtio-serial' "
                              "controller='0' bus='0' port='N'")
-            controller = r.uint(child, "controller") or 0
-            bus = r.uint(child, "bus") or 0
-            port = r.uint(child, "port")
+            controller = r.uint(child, address_spec, "controller") or 0
+            bus = r.uint(child, address_spec, "bus") or 0
+            port = r.uint(child, address_spec, "port")
             if port is None or port == 0:
                 raise r.fail(child, "<address type='virtio-serial'> needs port='N' (1 or more)")
             address = VirtioSerialAddress(controller, bus, port)
     if target is None:
         raise r.fail(node, "<channel type='spicevmc'> needs <target type='virtio'/> (libvirt: "
                      "target type must be specified for channel device)")
-    return SpiceChannel(target_name=target.get("name"), address=address,
-                        line=node.sourceline or 0)
+    return SpiceChannel(target_name=target.get("name"), address=address, line=r.line(node))
 
 
 # ----------------------------------------------------------------------- cross-device rules
@@ -559,17 +594,17 @@ def _check_devices(r: _Reader, devices: Devices) -> None:
         src = card.chardev.source if card.chardev else None
         if src is None or card.chardev is None or card.chardev.type not in ("tcp", "unix"):
             continue
-        key = (card.chardev.type, src.host, src.service, src.path)
-        if key in endpoints:
+        endpoint = (card.chardev.type, src.host, src.service, src.path)
+        if endpoint in endpoints:
             where = src.path or f"{src.host}:{src.service}"
             raise r.fail_at(src.line, f"{where} is already the chardev of the <smartcard> on "
-                            f"line {endpoints[key]}; each card needs its own socket")
-        endpoints[key] = card.line
+                            f"line {endpoints[endpoint]}; each card needs its own socket")
+        endpoints[endpoint] = card.line
     vs_ports: dict[tuple[int, int, int], int] = {}
     for ch in devices.channels:
         if ch.address is not None:
-            key = (ch.address.controller, ch.address.bus, ch.address.port)
-            if key in vs_ports:
-                raise r.fail_at(ch.line, f"virtio-serial port {key[2]} is used twice (also "
-                             f"on line {vs_ports[key]})")
-            vs_ports[key] = ch.line
+            vs_port = (ch.address.controller, ch.address.bus, ch.address.port)
+            if vs_port in vs_ports:
+                raise r.fail_at(ch.line, f"virtio-serial port {vs_port[2]} is used twice (also "
+                             f"on line {vs_ports[vs_port]})")
+            vs_ports[vs_port] = ch.line

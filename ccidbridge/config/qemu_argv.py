@@ -1,6 +1,7 @@
 """Render a Layout as the QEMU arguments libvirt 9.0 builds for those devices.
 
-Pure.  The rules (qemu_command.c, checked with ``virsh domxml-to-native``):
+Pure.  The rules (docs/libvirt.md#L10 .. #L13; qemu_command.c, checked with
+``virsh domxml-to-native``):
 
 * order: ccid controllers (``usb-ccid``) after the USB controller, then the
   smartcard (TLS object, chardev, card device), then the channels (chardev,
@@ -30,7 +31,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ccidbridge.config.layout import Layout, PlacedCard, PlacedChannel, usb_bus
-from ccidbridge.config.model import DEFAULT_NSS_DB, DEFAULT_TLS_DIR, SPICE_AGENT_NAME, Chardev
+from ccidbridge.config.model import DEFAULT_NSS_DB, DEFAULT_TLS_DIR, Chardev
+from ccidbridge.config.vocabulary import SPICE_AGENT_NAME
 
 Props = list[tuple[str, object]]
 

@@ -1,8 +1,9 @@
-"""The RelaxNG schema shipped with the package (``schema.rng``), as a backstop.
+"""The RelaxNG schema shipped with the package (``schema.rng``), for other tools.
 
-The semantic checks in ``parse`` run first and give the precise messages; the
-schema then guarantees the structure matches libvirt's domaincommon.rng for
-these devices (plus ``<reader>``).
+An artefact, not a check on the user's path: ``load`` checks a config against
+vocabulary.py alone.  tests/test_config_schema.py keeps schema.rng equal to
+that vocabulary and in agreement with libvirt's own virt-xml-validate, so an
+editor or CI can validate configs with it.
 """
 
 from __future__ import annotations
@@ -12,24 +13,8 @@ from importlib import resources
 
 from lxml import etree
 
-from ccidbridge.config.errors import ConfigError
-
 
 @cache
 def schema() -> etree.RelaxNG:
     text = resources.files("ccidbridge.config").joinpath("schema.rng").read_bytes()
     return etree.RelaxNG(etree.fromstring(text))
-
-
-def validate(root: etree._Element, path: str) -> None:
-    rng = schema()
-    if rng.validate(root):
-        return
-    entry = rng.error_log.last_error
-    line = entry.line if entry is not None else root.sourceline
-    message = entry.message if entry is not None else "does not match the schema"
-    raise ConfigError(
-        path, line, f"{message} (allowed: see ccidbridge/config/schema.rng, which follows "
-        "libvirt 9.0's domaincommon.rng for <smartcard>, <controller type='ccid'> and "
-        "<channel type='spicevmc'>, plus ccidbridge's <reader>)",
-    )

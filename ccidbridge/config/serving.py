@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import socket
-from typing import TYPE_CHECKING
+from ccidbridge.config.layout import Layout, PlacedCard
+from ccidbridge.config.loaded import Config
+from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard, is_loopback
 
-from ccidbridge.config.layout import PlacedCard, layout
-from ccidbridge.config.model import Endpoint, ReaderSpec, ServedCard
-
-if TYPE_CHECKING:
-    from ccidbridge.config.model import Config
-
-TLS_REASON = "TLS chardevs are not supported by the bridge yet"
+TLS_REASON = (
+    "tls='yes' needs the bridge's own certificates: add <tls dir='/DIR'/> (QEMU's layout: "
+    "ca-cert.pem plus client-cert.pem + client-key.pem, or server-*.pem when QEMU connects)"
+)
+#: Safety: never a card in clear text on a network by accident (a refusal, not a skip).
+CLEARTEXT_REASON = (
+    "host='{host}' is not loopback and the chardev has no TLS: every command, PINs included, "
+    "would cross the network in clear text; use tls='yes' with <tls dir='...'/>, a Unix "
+    "socket forwarded over ssh, or add <cleartext network='yes'/> to accept that"
+)
 _NOT_A_SOCKET = {
     "pty": "a pty chardev has no socket for the bridge to reach (use tcp or unix)",
     "file": "a file chardev only writes what QEMU sends; nobody can answer the card",
@@ -26,8 +30,8 @@ _NOT_A_SOCKET = {
 }
 
 
-def label(config: Config, placed: PlacedCard) -> str:
-    return f"{config.path}:{placed.card.line} {placed.alias}"
+def label(path: str, placed: PlacedCard) -> str:
+    return f"{path}:{placed.card.line} {placed.alias}"
 
 
 def _why_not(placed: PlacedCard) -> str | None:
@@ -42,11 +46,35 @@ def _why_not(placed: PlacedCard) -> str | None:
         return f"type='{chardev.type}': {_NOT_A_SOCKET[chardev.type]}"
     src = chardev.source
     assert src is not None
-    if chardev.type == "tcp" and src.tls:
+    if chardev.type == "tcp" and src.tls and card.tls is None:
         return TLS_REASON
+    if _cleartext_refused(placed):
+        return CLEARTEXT_REASON.format(host=src.host)
     if chardev.protocol == "telnet":
         return "protocol type='telnet': QEMU wraps the stream in telnet; the bridge speaks raw"
     return None
+
+
+def _cleartext_refused(placed: PlacedCard) -> bool:
+    card = placed.card
+    chardev = card.chardev
+    if chardev is None or chardev.type != "tcp" or chardev.source is None:
+        return False
+    src = chardev.source
+    return not src.tls and not is_loopback(src.host) and not card.cleartext_network
+
+
+def refusals(path: str, lay: Layout) -> tuple[str, ...]:
+    """``FILE:LINE: message`` for every card the bridge refuses to serve for safety:
+    ``check`` and ``run`` treat these as config errors (exit 2)."""
+    out = []
+    for placed in lay.cards:
+        if _cleartext_refused(placed):
+            src = placed.card.chardev.source  # type: ignore[union-attr]
+            assert src is not None
+            out.append(f"{path}:{placed.card.line}: "
+                       + CLEARTEXT_REASON.format(host=src.host))
+    return tuple(out)
 
 
 def _endpoint(placed: PlacedCard) -> Endpoint:
@@ -56,44 +84,43 @@ def _endpoint(placed: PlacedCard) -> Endpoint:
     listens = src.mode == "connect"
     if chardev.type == "unix":
         return Endpoint(kind="unix", bridge_listens=listens, path=src.path)
-    service = src.service or ""
-    port = int(service) if service.isdigit() else socket.getservbyname(service)
-    return Endpoint(kind="tcp", bridge_listens=listens, host=src.host, port=port)
+    return Endpoint(kind="tcp", bridge_listens=listens, host=src.host, port=src.port,
+                    tls=placed.card.tls)
 
 
-def served_cards(config: Config) -> list[ServedCard]:
+def served_cards(path: str, lay: Layout) -> tuple[ServedCard, ...]:
+    """The cards ``run`` serves (the config at ``path``, laid out as ``lay``)."""
     out = []
-    for placed in layout(config.devices).cards:
+    for placed in lay.cards:
         if _why_not(placed) is None:
             card = placed.card
             out.append(ServedCard(
-                label=label(config, placed),
+                label=label(path, placed),
                 endpoint=_endpoint(placed),
                 reader=card.reader or ReaderSpec(line=card.line),
-                source_file=config.path,
+                source_file=path,
                 line=card.line,
             ))
-    return out
+    return tuple(out)
 
 
-def unserved(config: Config) -> list[tuple[str, str]]:
-    lay = layout(config.devices)
+def unserved(path: str, lay: Layout) -> tuple[tuple[str, str], ...]:
+    """``(label, reason)`` of every device ``run`` leaves alone."""
     out = []
     for placed in lay.cards:
         why = _why_not(placed)
         if why is not None:
-            out.append((label(config, placed), why))
+            out.append((label(path, placed), why))
     for ch in lay.channels:
-        out.append((f"{config.path}:{ch.channel.line} {ch.alias}",
+        out.append((f"{path}:{ch.channel.line} {ch.alias}",
                     "a spicevmc channel carries the SPICE agent (clipboard, resolution), "
                     "not a smartcard"))
-    return out
+    return tuple(out)
 
 
 def notes(config: Config) -> list[str]:
     """What the user must know when pasting the output (not errors)."""
-    devices = config.devices
-    lay = layout(devices)
+    lay = config.layout
     out = []
     spice = [f"line {p.card.line}" for p in lay.cards
              if p.card.chardev and p.card.chardev.type in ("spicevmc", "spiceport")]
@@ -108,6 +135,12 @@ def notes(config: Config) -> list[str]:
             f"{len(lay.cards)} cards: libvirt 9.0 takes one <smartcard>; `ccidbridge libvirt` "
             f"gives the other {len(lay.extra_cards)} their own <controller type='ccid'> and "
             "passes them to QEMU in <qemu:commandline>"
+        )
+    exposed = [f"line {p.card.line}" for p in lay.cards if p.card.cleartext_network]
+    if exposed:
+        out.append(
+            f"{', '.join(exposed)}: served in clear text on a network address "
+            "(<cleartext network='yes'/>): anyone on the path sees every command, PINs included"
         )
     if lay.cards or lay.controllers:
         out.append(

@@ -71,7 +71,7 @@ def parse(atr: bytes) -> ParsedAtr:
     return ParsedAtr(bytes(atr), tuple(tds), historical, tck)
 
 
-def tck(body: bytes) -> int:
+def tck(body: bytes | bytearray) -> int:
     """The check byte for ``body`` = T0..last byte before TCK."""
     x = 0
     for b in body:
@@ -84,7 +84,7 @@ def announce_t0(atr: bytes) -> bytes:
 
     Only TD1's protocol nibble changes; later TDi (still naming T=1, so TCK
     stays meaningful) and every other byte are kept, and TCK is recomputed.
-    Seen in a real guest (qemu-passthru.md §6): pcscd then logs "Set PTS
+    Seen in a real guest (protocol/VSCARD.md#Q10): pcscd then logs "Set PTS
     failed (606). Using T=0" and APDUs pass unchanged, since QEMU's reader
     exchanges whole APDUs either way.  If no TDi is left naming another
     protocol, TCK is dropped, since it would no longer be allowed.

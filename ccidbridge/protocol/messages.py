@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, cast
 
 from construct import ConstError, StreamError, TerminatedError
 
@@ -116,7 +116,7 @@ class FlushComplete:
 
 Message = Init | Error | ReaderAdd | ReaderRemove | Atr | CardRemove | Apdu | Flush | FlushComplete
 
-_EMPTY = {
+_EMPTY: dict[MsgType, type[ReaderRemove | CardRemove | Flush | FlushComplete]] = {
     MsgType.READER_REMOVE: ReaderRemove,
     MsgType.CARD_REMOVE: CardRemove,
     MsgType.FLUSH: Flush,
@@ -132,16 +132,19 @@ def frame(msg_type: int, reader_id: int, payload: bytes = b"") -> bytes:
 def encode(msg: Message) -> bytes:
     """Build the frame for ``msg``."""
     t = msg.TYPE
+    # TYPE names the class, which mypy cannot see: the casts say so.
     if t is MsgType.APDU:
-        payload = msg.data
+        payload = cast(Apdu, msg).data
     elif t is MsgType.ATR:
-        payload = msg.atr
+        payload = cast(Atr, msg).atr
     elif t is MsgType.READER_ADD:
-        payload = msg.name
+        payload = cast(ReaderAdd, msg).name
     elif t is MsgType.ERROR:
-        payload = VSCMsgError.build({"code": msg.code})
+        payload = VSCMsgError.build({"code": cast(Error, msg).code})
     elif t is MsgType.INIT:
-        payload = VSCMsgInit.build({"version": msg.version, "capabilities": list(msg.capabilities)})
+        init = cast(Init, msg)
+        payload = VSCMsgInit.build({"version": init.version,
+                                    "capabilities": list(init.capabilities)})
     else:
         payload = b""
     return _header.pack(t, msg.reader_id, len(payload)) + payload

@@ -7,33 +7,36 @@ written comes out of ``data_to_send()``, what the runtime must do or may log
 comes out of ``events()``.  One session object lives as long as the bridge
 serves one card, across any number of connections.
 
-Every rule QEMU 7.2 imposes on its peer (qemu-passthru.md) is enforced here:
+Every rule QEMU 7.2 imposes on its peer (protocol/VSCARD.md#Q1 .. #Q16) is
+enforced here:
 
 R1  Init first on every connection; QEMU never sends one on connect, except
     the unsolicited one with ``wait=on``.  Any Init the peer sends, whenever,
-    is tolerated.
+    is tolerated.  (protocol/VSCARD.md#Q1, #Q2)
 R2  Resync on every (re)connect: QEMU ignores a closed chardev, so the guest
     still "has" the old card and QEMU still holds the guest requests that were
     forwarded on the old connection.  Send ReaderRemove (drops them), then
-    ReaderAdd, then the ATR if a card is present.
+    ReaderAdd, then the ATR if a card is present.  (protocol/VSCARD.md#Q3)
 R3  One control message (ReaderAdd, ReaderRemove, ATR, CardRemove) in flight;
     the next goes out when QEMU's VSC_Error ack for it arrives.  Long
-    pipelined bursts can wedge QEMU's input buffer.
+    pipelined bursts can wedge QEMU's input buffer.  (protocol/VSCARD.md#Q4, #Q5)
 R4  Every frame leaves whole, and no frame leaves larger than
-    qemu.MAX_FRAME_TO_QEMU.
+    qemu.MAX_FRAME_TO_QEMU.  (protocol/VSCARD.md#Q4)
 R5  Every guest APDU is answered exactly once, in arrival order: QEMU matches
     answers to requests FIFO and has no timeout.  A request the card cannot
     serve is answered with VSC_Error, which fails it at once in the guest.
+    (protocol/VSCARD.md#Q6)
 R6  Before an ATR, CardRemove or ReaderRemove leaves, the APDUs still pending
     are failed with VSC_Error: QEMU settles pending requests itself when it
     processes those messages, so a later answer would be matched to the next
     request.  For the same reason an APDU that arrives while such a message
     is in flight (the "fence") was already settled by QEMU and is dropped.
+    (protocol/VSCARD.md#Q7)
 R7  No response longer than qemu.MAX_RESPONSE_TO_QEMU leaves: longer ones
-    are served as 61xx + GET RESPONSE (chaining.py).
+    are served as 61xx + GET RESPONSE (chaining.py).  (protocol/VSCARD.md#Q8)
 R8  QEMU's Error on an ATR means the guest sees no card; it is surfaced as
     AtrRefused with the reason.  A T=1-only ATR is rewritten to announce T=0
-    for QEMU's T=0-only reader, unless switched off.
+    for QEMU's T=0-only reader, unless switched off.  (protocol/VSCARD.md#Q9, #Q10)
 R9  A peer that breaks the protocol gets PeerProtocolError: the runtime must
     drop that connection; the session is ready for the next one.
 R10 A removal must be visible to the guest: no ATR leaves within
@@ -42,7 +45,7 @@ R10 A removal must be visible to the guest: no ATR leaves within
     as CardRemove, pause, ATR.  Else the guest's pcscd misses the blip and
     keeps using a card whose state was lost.  The session has no clock: when
     a removal leaves it emits HoldAtr(token, seconds), and the runtime
-    answers ReleaseAtr(token) when the time is up.
+    answers ReleaseAtr(token) when the time is up.  (protocol/VSCARD.md#Q14)
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from ccidbridge.protocol.atr import AtrError, announce_t0
 from ccidbridge.protocol.atr import parse as parse_atr
 from ccidbridge.protocol.decoder import FrameDecoder
 from ccidbridge.protocol.errors import LocalProtocolError, UnexpectedDirection, VSCardError
+from ccidbridge.protocol.events import InputEvent, OutputEvent
 from ccidbridge.protocol.messages import (
     Atr,
     CardRemove,
@@ -143,12 +147,12 @@ class BridgeSession:
         self._out.clear()
         return out
 
-    def events(self) -> Iterator[events.OutputEvent]:
+    def events(self) -> Iterator[OutputEvent]:
         """Drain the output events, oldest first."""
         while self._events:
             yield self._events.popleft()
 
-    def handle(self, event: events.InputEvent) -> None:
+    def handle(self, event: InputEvent) -> None:
         """Tell the session what happened on the host side."""
         match event:
             case events.ApduResponse(seq, data):

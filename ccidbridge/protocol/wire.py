@@ -11,7 +11,7 @@ Every frame is a 12-byte header and a payload::
 
 Byte order: every integer is big-endian **except the Init magic**, which both
 QEMU and libcacard copy to the wire as the raw ASCII bytes ``"VSCD"``
-(qemu-passthru.md §1).  There is no padding, checksum or sequence number.
+(protocol/VSCARD.md#frames).  There is no padding, checksum or sequence number.
 
 The construct declarations below are the single source of truth for the
 layout; :mod:`ccidbridge.protocol.messages` turns them into typed messages.

@@ -39,26 +39,30 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 
+from ccidbridge import tls
 from ccidbridge.card.base import CardReport, CardSide, Inserted, Removed, TransmitFailed
-from ccidbridge.config.model import ServedCard
 from ccidbridge.protocol import events as ev
 from ccidbridge.protocol.atr import hexatr
 from ccidbridge.protocol.session import BridgeSession
-from ccidbridge.runtime import apdulog
+from ccidbridge.runtime import apdulog, peers
 from ccidbridge.runtime.transport import (
     RETRY_MAX,
     RETRY_MIN,
     Connection,
     Listener,
+    TlsHandshake,
+    TransportError,
     finish_connect,
-    is_loopback,
     start_connect,
+    tls_failure,
 )
+from ccidbridge.spec import ServedCard, is_loopback
 
 #: How long shutdown waits for QEMU to ack CardRemove and ReaderRemove.
 SHUTDOWN_ACK_TIMEOUT = 1.0
@@ -66,6 +70,8 @@ SHUTDOWN_ACK_TIMEOUT = 1.0
 #: a peer that does not read gets no new commands in (docs/performance.md).
 OUT_HIGH_WATER = 4096
 NOT_ANSWERING = "the card is not answering"
+#: A TLS peer that has not finished its handshake by then loses its connection.
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 _IN = select.POLLIN
 _OUT = select.POLLOUT
@@ -148,9 +154,13 @@ class CardBridge:
         self._listener: Listener | None = None
         self._conn: Connection | None = None
         self._connecting: socket.socket | None = None
+        self._handshake: TlsHandshake | None = None
+        self._tls_ctx: ssl.SSLContext | None = None
         self._retry_at = 0.0
         self._retry_delay = RETRY_MIN
         self._said_waiting = False
+        self._said: set[str] = set()  # conditions logged once until they end
+        self._peer_uids = peers.default_peer_uids()
         self._out = bytearray()
         self._reading = False
         self._holds: list[tuple[float, int]] = []  # (due, token) for ReleaseAtr (R10)
@@ -163,6 +173,11 @@ class CardBridge:
 
     def start(self) -> None:
         """Open the endpoint (raises TransportError), then serve on the APDU thread."""
+        if self._endpoint.tls is not None:
+            try:
+                self._tls_ctx = tls.context(self._endpoint.tls, self._endpoint.bridge_listens)
+            except tls.TlsFilesError as exc:
+                raise TransportError(f"TLS: {exc}") from None
         if self._endpoint.bridge_listens:
             if self._endpoint.kind == "tcp" and not is_loopback(self._endpoint.host):
                 self.log.warning(
@@ -171,6 +186,10 @@ class CardBridge:
                     self._endpoint.host,
                     self._endpoint.port,
                 )
+            if self._endpoint.kind == "unix" and self._endpoint.path:
+                problem = peers.directory_problem(self._endpoint.path, self._peer_uids)
+                if problem:
+                    raise TransportError(f"not listening on {self._endpoint.path}: {problem}")
             self._listener = Listener(self._endpoint)
             self._poll.register(self._listener.fd, _IN)
             self.log.info("listening on %s", self._endpoint.describe())
@@ -283,12 +302,16 @@ class CardBridge:
                     self._accept()
                 elif self._connecting is not None and fd == self._connecting.fileno():
                     self._connect_done()
+                elif self._handshake is not None and fd == self._handshake.fd:
+                    self._step_handshake()
             self._due(time.monotonic())
 
     def _poll_timeout_ms(self) -> int:
         due = [d for d, _ in self._holds]
         if self._stopping_at is not None:
             due.append(self._stopping_at)
+        if self._handshake is not None:
+            due.append(self._handshake.deadline)
         if not self._lent:
             card_due = self.card.next_due()
             if card_due is not None:
@@ -324,6 +347,8 @@ class CardBridge:
             card_due = self.card.next_due()
             if card_due is not None and card_due <= now:
                 self._card_reports()
+        if self._handshake is not None and now >= self._handshake.deadline:
+            self._refuse_tls("it stalled in the TLS handshake")
         if self._stopping_at is not None and now >= self._stopping_at:
             self.log.warning("QEMU did not acknowledge the shutdown in time")
             self._done = True
@@ -493,6 +518,10 @@ class CardBridge:
         if self._connecting is not None:
             self._connecting.close()
             self._connecting = None
+        if self._handshake is not None:
+            with contextlib.suppress(OSError):
+                self._handshake.sock.close()
+            self._handshake = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -512,11 +541,19 @@ class CardBridge:
             not self._endpoint.bridge_listens
             and self._conn is None
             and self._connecting is None
+            and self._handshake is None
             and self._stopping_at is None
             and not self._done
         )
 
     def _try_connect(self) -> None:
+        ep = self._endpoint
+        if ep.kind == "unix" and ep.path:
+            problem = peers.directory_problem(ep.path, self._peer_uids)
+            if problem:
+                self._once("dir", logging.ERROR, f"not connecting to {ep.path}: {problem}")
+                self._retry_later()
+                return
         try:
             sock, done = start_connect(self._endpoint)
         except OSError as exc:
@@ -545,8 +582,16 @@ class CardBridge:
                 "waiting for QEMU on %s (%s)", self._endpoint.describe(), exc.strerror or exc
             )
             self._said_waiting = True
+        self._retry_later()
+
+    def _retry_later(self) -> None:
         self._retry_at = time.monotonic() + self._retry_delay
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _once(self, key: str, level: int, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.log.log(level, "%s", message)
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -554,8 +599,9 @@ class CardBridge:
         if got is None:
             return
         sock, peer = got
-        if self._conn is not None or self._stopping_at is not None or self._done:
-            if self._conn is not None:
+        busy = self._conn is not None or self._handshake is not None
+        if busy or self._stopping_at is not None or self._done:
+            if busy:
                 self.log.warning(
                     "refused a second connection on %s: the card is already served to one peer",
                     self._endpoint.describe(),
@@ -565,6 +611,23 @@ class CardBridge:
         self._connection_up(sock, peer)
 
     def _connection_up(self, sock: socket.socket, peer: str) -> None:
+        if self._tls_ctx is not None and not isinstance(sock, ssl.SSLSocket):
+            self._start_tls(sock, peer)
+            return
+        if sock.family == socket.AF_UNIX:
+            uid = peers.peer_uid(sock)
+            if uid not in self._peer_uids:
+                sock.close()
+                self._once(
+                    f"uid:{uid}",
+                    logging.WARNING,
+                    f"refused the peer on {peer}: it runs as {peers.user_name(uid)}, not as an "
+                    f"accepted user ({peers.describe_uids(self._peer_uids)})",
+                )
+                if not self._endpoint.bridge_listens:
+                    self._retry_later()
+                return
+        self._said.clear()
         self._said_waiting = False
         self._retry_delay = RETRY_MIN
         conn = Connection(sock, self._endpoint, peer)
@@ -575,6 +638,56 @@ class CardBridge:
         self.log.info("connected to QEMU (%s)", peer)
         self.connected.set()
         self._tell(ev.ConnectionOpened())
+
+    # -- TLS (APDU thread) ----------------------------------------------------------------
+
+    def _start_tls(self, sock: socket.socket, peer: str) -> None:
+        assert self._tls_ctx is not None
+        sock.setblocking(False)
+        listens = self._endpoint.bridge_listens
+        tsock = self._tls_ctx.wrap_socket(
+            sock,
+            server_side=listens,
+            do_handshake_on_connect=False,
+            server_hostname=None if listens else (self._endpoint.host or "localhost"),
+        )
+        self._handshake = TlsHandshake(tsock, peer, time.monotonic() + TLS_HANDSHAKE_TIMEOUT)
+        self._poll.register(self._handshake.fd, _IN | _OUT)
+        self._step_handshake()
+
+    def _step_handshake(self) -> None:
+        hs = self._handshake
+        assert hs is not None and self._endpoint.tls is not None
+        try:
+            waits = hs.step()
+        except (ssl.SSLError, OSError) as exc:
+            self._refuse_tls(tls_failure(exc))
+            return
+        if waits:
+            self._poll.modify(hs.fd, waits)
+            return
+        problem = tls.peer_name_problem(hs.sock, self._endpoint.tls)
+        if problem:
+            self._refuse_tls(problem)
+            return
+        self._poll.unregister(hs.fd)
+        self._handshake = None
+        names = dict.fromkeys(tls.certificate_names(hs.sock.getpeercert() or {}))
+        self.log.info("%s with %s, whose certificate names %s", hs.sock.version(), hs.peer,
+                      ", ".join(names) or "nobody")
+        self._connection_up(hs.sock, hs.peer)
+
+    def _refuse_tls(self, why: str) -> None:
+        """The peer gets nothing: not one VSCard byte was written to it."""
+        hs, self._handshake = self._handshake, None
+        assert hs is not None
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._poll.unregister(hs.fd)
+        with contextlib.suppress(OSError):
+            hs.sock.close()
+        self._once(f"tls:{why}", logging.WARNING, f"refused the TLS peer at {hs.peer}: {why}")
+        if not self._endpoint.bridge_listens:
+            self._retry_later()
 
     def _read(self, conn: Connection) -> None:
         try:

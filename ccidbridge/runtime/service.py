@@ -17,13 +17,16 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
 from ccidbridge.card.base import CardSide
-from ccidbridge.config.model import ServedCard
 from ccidbridge.runtime.bridge import SHUTDOWN_ACK_TIMEOUT, CardBridge
 from ccidbridge.runtime.transport import TransportError
+from ccidbridge.spec import ServedCard
 
 log = logging.getLogger("ccidbridge")
+
+_Handler = Callable[[int, FrameType | None], object] | int | None
 
 #: Pause before a card whose bridge failed unexpectedly is started again.
 RESTART_PAUSE = 1.0
@@ -118,15 +121,15 @@ class Service:
             bridge.log.error("restarting this card's bridge in %gs", RESTART_PAUSE)
         self._changed.set()
 
-    def _install_signals(self) -> dict[int, object]:
+    def _install_signals(self) -> dict[int, _Handler]:
         if threading.current_thread() is not threading.main_thread():
             return {}
-        old = {}
+        old: dict[int, _Handler] = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             old[sig] = signal.signal(sig, lambda *_: self.request_stop())
         return old
 
     @staticmethod
-    def _restore_signals(handlers: dict[int, object]) -> None:
+    def _restore_signals(handlers: dict[int, _Handler]) -> None:
         for sig, handler in handlers.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
+            signal.signal(sig, handler)

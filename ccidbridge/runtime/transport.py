@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import os
+import select
 import socket
+import ssl
 import stat
 import tempfile
 
-from ccidbridge.config.model import Endpoint
+from ccidbridge.spec import Endpoint
 
 #: Reconnect backoff: first retry after this, doubling up to RETRY_MAX.  The
 #: cap bounds how long a restarted QEMU waits for us (docs/performance.md,
@@ -42,15 +43,6 @@ class TransportError(Exception):
     """The endpoint cannot be used at all (bad path, address in use, ...)."""
 
 
-def is_loopback(host: str | None) -> bool:
-    if not host or host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Connection:
     """One connected socket to QEMU's chardev, non-blocking."""
 
@@ -60,6 +52,7 @@ class Connection:
         self.fd = sock.fileno()
         self.peer = peer
         self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.tls = isinstance(sock, ssl.SSLSocket)
         if self.tcp:
             # Small frames, each awaited by the other side: no Nagle stalls.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -67,20 +60,38 @@ class Connection:
 
     def recv(self) -> bytes:
         """What arrived (b"" at EOF); raises BlockingIOError when nothing did."""
+        if self.tls:
+            return self._recv_tls()
         data = self.sock.recv(READ_SIZE)
         if self._quickack:
             # QEMU's socket chardev has Nagle on and writes a frame's header and
             # payload with two writes, so the payload waits for our ACK of the
-            # header, which delayed ACK holds back ~40 ms (protocol/VSCARD.md#Q16).
+            # header, which delayed ACK holds back ~40 ms (protocol/VSCARD.md#Q17).
             # Linux drops QUICKACK by itself: re-arm it after every read.
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+    def _recv_tls(self) -> bytes:
+        """A TLS record may hold more than one read's worth: take what the TLS layer
+        already decrypted too, since poll() cannot see it."""
+        sock = self.sock
+        try:
+            data = sock.recv(READ_SIZE)
+            while data and sock.pending():  # type: ignore[attr-defined]
+                data += sock.recv(sock.pending())  # type: ignore[attr-defined]
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise BlockingIOError() from None
+        except ssl.SSLZeroReturnError:
+            return b""
+        if self._quickack:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return data
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         """Bytes written (0 when the socket buffer is full)."""
         try:
             return self.sock.send(data)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             return 0
 
     def close(self) -> None:
@@ -125,6 +136,41 @@ def finish_connect(sock: socket.socket) -> None:
     if err:
         sock.close()
         raise OSError(err, os.strerror(err))
+
+
+class TlsHandshake:
+    """A TLS handshake under way on a new connection, driven by the APDU thread's poll.
+
+    :meth:`step` returns the poll events it waits for, 0 when done; it raises
+    ssl.SSLError/OSError when the handshake failed (the caller drops the peer).
+    """
+
+    def __init__(self, sock: ssl.SSLSocket, peer: str, deadline: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.deadline = deadline
+
+    def step(self) -> int:
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return select.POLLIN
+        except ssl.SSLWantWriteError:
+            return select.POLLOUT
+        return 0
+
+
+def tls_failure(exc: BaseException) -> str:
+    """One line on why a TLS peer was refused."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate was refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        return f"the TLS handshake failed: {str(reason).replace('_', ' ').lower()}"
+    if isinstance(exc, OSError):
+        return f"the connection failed during the TLS handshake: {exc.strerror or exc}"
+    return str(exc)
 
 
 class Listener:
