@@ -332,6 +332,17 @@ def codec(r: dict) -> list[str]:
     return out
 
 
+def config(r: dict) -> list[str]:
+    out = ["| shape | bytes | load ms | µs per KiB |", "|---|---|---|---|"]
+    for shape, by_size in r.items():
+        for size, seconds in by_size.items():
+            out.append(
+                f"| {shape} | {int(size):,} | {seconds * 1e3:.2f} "
+                f"| {seconds * 1e6 / (int(size) / 1024):.1f} |"
+            )
+    return out
+
+
 SECTIONS = {
     "apdu": ("1. APDU round trip (µs; floor = direct + socket floor, per sample)", apdu),
     "wakeups": ("1b. Wake-ups and CPU per APDU (item 1's blocks)", wakeups),
@@ -342,6 +353,7 @@ SECTIONS = {
     "backpressure": ("5b. Memory under backpressure: a peer that never reads", backpressure),
     "scale": ("6. Scale (N cards in one bridge process)", scale),
     "codec": ("7. Codec", codec),
+    "config": ("8. Config loading against config size", config),
 }
 
 
