@@ -32,11 +32,9 @@ RUNS = 5
 
 
 def _card(i: int, sep: str) -> str:
-    return (
-        f"<smartcard{sep}mode='passthrough'{sep}type='unix'><source{sep}mode='connect'{sep}"
-        f"path='/run/ccidbridge/card{i}.sock'/><reader{sep}match='Virtual*'{sep}"
-        f"share='shared'/></smartcard>\n"
-    )
+    return (f"<smartcard{sep}mode='passthrough'{sep}type='unix'><source{sep}mode='connect'{sep}"
+            f"path='/run/ccidbridge/card{i}.sock'/><reader{sep}match='Virtual*'{sep}"
+            f"share='shared'/></smartcard>\n")
 
 
 def _cards(size: int, sep: str) -> bytes:
