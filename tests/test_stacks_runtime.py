@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from ccidbridge.card.pcsc import PcscCard
-from ccidbridge.config.model import Endpoint, ReaderSpec
+from ccidbridge.spec import Endpoint, ReaderSpec
 from lab.bridgeproc import BridgeProcess, write_config
 from lab.instant_card import InstantCard
 from lab.qemu import QemuPassthru, TcpEndpoint, UnixEndpoint, free_tcp_port
@@ -66,7 +66,7 @@ def test_handshake_acked_bridge_connecting(stack_qemu, kind: str) -> None:  # no
     with RunningBridge(served_card(_bridge_side(qemu.endpoint, listens=False)),
                        InstantCard()) as b:
         b.wait_synced(10)
-        b.wait_log("AtrAccepted")
+        b.wait_log("QEMU accepted the ATR")
     assert "VSC_ATR" in qemu.stdout()  # QEMU's own debug line for the ATR it accepted
 
 

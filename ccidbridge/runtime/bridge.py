@@ -8,7 +8,7 @@ wake-ups than a bare relay.  Around it:
 
 * the card side's watchers (the reader monitor) post into the card side's
   inbox and wake the APDU thread through ``_wake_w``;
-* the **watchdog** thread looks at ``_call`` (which card call is running,
+* the **watchdog** thread looks at ``_calls`` (which card call is running,
   since when) a few times per timeout.  A card that does not answer within
   ``timeout`` keeps the APDU thread stuck in PC/SC for good (SCardCancel does
   not help, docs/pcsc-lite.md#P5), so the watchdog hands the bridge to a new
@@ -19,14 +19,18 @@ wake-ups than a bare relay.  Around it:
 
 Who owns what:
 
-* ``_handoff`` (a lock) guards ``_call``, ``_gen`` and ``_closed``: the APDU
-  thread sets ``_call`` around every card call; the watchdog reads it and, to
-  take over, bumps ``_gen``; a thread given up on checks ``_closed`` before it
-  hands the card side back.
+* ``_calls`` is the hand-off itself, without a lock on the APDU path: the
+  APDU thread puts a token in before every card call and pops it after; the
+  watchdog pops the token of a call past its deadline to take over.  Exactly
+  one of the two pops it (a dict's pop is atomic), and that one decides: the
+  APDU thread carries on, or it was given up on and ends once its call
+  returns.
+* ``_handoff`` (a lock) guards ``_closed``, which a thread given up on checks
+  before it hands the card side back.
 * ``_inbox_lock`` guards ``_inbox``; any thread posts, then writes ``_wake_w``.
 * Everything else belongs to the APDU thread of the current generation
-  (``_gen``), and is handed from one to the next only by the watchdog,
-  before it starts the new thread.  The card side, while ``_lent``, belongs
+  (the one that holds no abandoned token), and is handed from one to the next
+  only by the watchdog, before it starts the new thread.  The card side, while ``_lent``, belongs
   to the stuck thread until it posts :class:`_CardReturned`.
 * ``connected``, ``synchronized``, ``finished``: thread-safe events for
   whoever watches the bridge (the service, tests).
@@ -44,6 +48,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ccidbridge import tls
 from ccidbridge.card.base import CardReport, CardSide, Inserted, Removed, TransmitFailed
@@ -80,11 +85,9 @@ _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 Log = logging.Logger | logging.LoggerAdapter[logging.Logger]
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """A card call under way: which thread, for which guest APDU, due when."""
+class _Call(NamedTuple):
+    """A card call under way: for which guest APDU (None: a card report), due when."""
 
-    gen: int
     seq: int | None
     deadline: float
 
@@ -133,16 +136,16 @@ class CardBridge:
         self._trace = trace >= 1
         self._trace_data = trace >= 2
         # -- shared, see the module docstring
+        self._calls: dict[int, _Call] = {}  # token -> the card call under way
+        self._token = 0  # the APDU thread's: the last token it used
+        self._threads = 0  # APDU threads started, for their names
         self._handoff = threading.Lock()
-        self._call: _Call | None = None
-        self._gen = 0
         self._inbox: list[object] = []
         self._inbox_lock = threading.Lock()  # guards _inbox only
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # Closed only with the bridge object: a late post must never hit a reused fd.
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._closed = False
-        self._tls = threading.local()
         self.connected = threading.Event()
         self.synchronized = threading.Event()
         self.finished = threading.Event()
@@ -195,7 +198,7 @@ class CardBridge:
             self._poll.register(self._listener.fd, _IN)
             self.log.info("listening on %s", self._endpoint.describe())
         self.card.start(self._wake)
-        self._spawn(0, [])
+        self._spawn([])
         threading.Thread(target=self._watch, name="ccidbridge-watchdog", daemon=True).start()
 
     def stop(self, wait: float = SHUTDOWN_ACK_TIMEOUT + 1.0) -> None:
@@ -203,19 +206,13 @@ class CardBridge:
         briefly for QEMU's acks, then close.  A card call stuck in a hung card
         is given up at once, so the goodbye is never held up by the card."""
         self._post(_Stop())
-        with self._handoff:
-            call = self._call
-        if call is not None:
-            self._take_over(call, "the bridge is stopping")
+        self._take_over_all("the bridge is stopping")
         self.finished.wait(wait)
 
     def kill(self) -> None:
         """Vanish without a word, like ``kill -9`` (tests): close the socket only."""
         self._post(_Stop(goodbye=False))
-        with self._handoff:
-            call = self._call
-        if call is not None:
-            self._take_over(call, "the bridge is stopping")
+        self._take_over_all("the bridge is stopping")
         self.finished.wait(2.0)
 
     # -- waking the APDU thread (any thread) ------------------------------------------
@@ -244,19 +241,21 @@ class CardBridge:
     def _watch(self) -> None:
         period = min(self._timeout / 8, 1.0)
         while not self._watchdog_stop.wait(period):
-            with self._handoff:
-                call = self._call
-            if call is not None and time.monotonic() >= call.deadline:
-                self._take_over(call, f"the card did not answer within {self._timeout:g}s")
+            now = time.monotonic()
+            for token, call in list(self._calls.items()):  # a copy made under the GIL
+                if now >= call.deadline:
+                    why = f"the card did not answer within {self._timeout:g}s"
+                    self._take_over(token, why)
 
-    def _take_over(self, call: _Call, why: str) -> None:
+    def _take_over_all(self, why: str) -> None:
+        for token in list(self._calls):
+            self._take_over(token, why)
+
+    def _take_over(self, token: int, why: str) -> None:
         """Hand the bridge to a new APDU thread; the stuck one keeps only its card call."""
-        with self._handoff:
-            if self._call is not call or self._gen != call.gen:
-                return  # it returned meanwhile
-            self._gen += 1
-            gen = self._gen
-            self._call = None
+        call = self._calls.pop(token, None)
+        if call is None:
+            return  # it returned meanwhile: the APDU thread popped it first
         self._lent = True
         first: list[ev.InputEvent] = []
         if call.seq is not None:
@@ -265,17 +264,18 @@ class CardBridge:
         self.log.warning(
             "%s: failing the APDU and reporting the card removed until it answers again", why
         )
-        self._spawn(gen, first)
+        self._spawn(first)
 
-    def _spawn(self, gen: int, first: list[ev.InputEvent]) -> None:
+    def _spawn(self, first: list[ev.InputEvent]) -> None:
+        self._threads += 1
         threading.Thread(
-            target=self._serve, args=(gen, first), name=f"ccidbridge-apdu-{gen}", daemon=True
+            target=self._serve, args=(first,), name=f"ccidbridge-apdu-{self._threads}",
+            daemon=True,
         ).start()
 
     # -- the APDU thread ------------------------------------------------------------------
 
-    def _serve(self, gen: int, first: list[ev.InputEvent]) -> None:
-        self._tls.gen = gen
+    def _serve(self, first: list[ev.InputEvent]) -> None:
         try:
             for event in first:
                 self._tell(event)
@@ -288,40 +288,40 @@ class CardBridge:
         self._finish()
 
     def _loop(self) -> None:
-        poll = self._poll.poll
+        poll, monotonic = self._poll.poll, time.monotonic
         while not self._done:
-            for fd, mask in poll(self._poll_timeout_ms()):
+            due = self._next_due()
+            timeout = -1 if due is None else max(0, int((due - monotonic()) * 1000) + 1)
+            for fd, mask in poll(timeout):
                 conn = self._conn
-                if fd == self._wake_r:
-                    self._woken()
-                elif conn is not None and fd == conn.fd:
+                if conn is not None and fd == conn.fd:  # the hot path first
                     if mask & _OUT:
                         self._flush_out()
                     if mask & (_IN | _GONE) and self._conn is conn:
                         self._read(conn)
+                elif fd == self._wake_r:
+                    self._woken()
                 elif self._listener is not None and fd == self._listener.fd:
                     self._accept()
                 elif self._connecting is not None and fd == self._connecting.fileno():
                     self._connect_done()
                 elif self._handshake is not None and fd == self._handshake.fd:
                     self._step_handshake()
-            self._due(time.monotonic())
+            if due is not None and monotonic() >= due:
+                self._due(monotonic())
 
-    def _poll_timeout_ms(self) -> int:
-        due = [d for d, _ in self._holds]
-        if self._stopping_at is not None:
-            due.append(self._stopping_at)
-        if self._handshake is not None:
-            due.append(self._handshake.deadline)
-        if not self._lent:
-            card_due = self.card.next_due()
-            if card_due is not None:
-                due.append(card_due)
-        if self._wants_connect():
-            due.append(self._retry_at)
-        if not due:
-            return -1
-        return max(0, int((min(due) - time.monotonic()) * 1000) + 1)
+    def _next_due(self) -> float | None:
+        """The earliest time something is due (R10's pauses, a retry, a deadline)."""
+        due = self._holds[0][0] if self._holds else None
+        for when in (
+            self._stopping_at,
+            self._handshake.deadline if self._handshake is not None else None,
+            None if self._lent else self.card.next_due(),
+            self._retry_at if self._wants_connect() else None,
+        ):
+            if when is not None and (due is None or when < due):
+                due = when
+        return due
 
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -358,22 +358,21 @@ class CardBridge:
 
     # -- the card side (APDU thread) ----------------------------------------------------
 
-    def _card_call(self, seq: int | None) -> None:
-        with self._handoff:
-            self._call = _Call(self._tls.gen, seq, time.monotonic() + self._timeout)
+    def _card_call(self, seq: int | None, now: float) -> int:
+        """Put a token in ``_calls`` for the card call about to start; returns it."""
+        self._token = token = self._token + 1
+        self._calls[token] = _Call(seq, now + self._timeout)
+        return token
 
-    def _card_call_done(self) -> bool:
-        """True if this thread still owns the bridge after a card call."""
-        with self._handoff:
-            if self._gen != self._tls.gen:
-                return False
-            self._call = None
-            return True
+    def _card_call_done(self, token: int) -> bool:
+        """True if this thread still owns the bridge after its card call."""
+        return self._calls.pop(token, None) is not None
 
     def _card_reports(self) -> None:
-        self._card_call(None)
-        reports = self.card.reports(time.monotonic())
-        if not self._card_call_done():
+        now = time.monotonic()
+        token = self._card_call(None, now)
+        reports = self.card.reports(now)
+        if not self._card_call_done(token):
             self._give_back(_CardReturned(False, reports))
             raise _Abandoned()
         self._apply_reports(reports)
@@ -392,9 +391,9 @@ class CardBridge:
         self._lent = False
         self.log.info("the card answered again after its timeout")
         self._apply_reports(item.reports)
-        self._card_call(None)
+        token = self._card_call(None, time.monotonic())
         self.card.revive(item.failed)
-        if not self._card_call_done():
+        if not self._card_call_done(token):
             self._give_back(_CardReturned(True))
             raise _Abandoned()
         self._card_reports()
@@ -405,14 +404,13 @@ class CardBridge:
             self.session.handle(ev.ApduFailed(seq, NOT_ANSWERING))
             return
         started = time.monotonic()
-        with self._handoff:
-            self._call = _Call(self._tls.gen, seq, started + self._timeout)
+        token = self._card_call(seq, started)
         try:
             response: bytes | None = self.card.transmit(apdu)
             error = ""
         except TransmitFailed as exc:
             response, error = None, str(exc)
-        if not self._card_call_done():
+        if not self._card_call_done(token):
             self._give_back(_CardReturned(response is None))
             raise _Abandoned()
         if self._trace:
