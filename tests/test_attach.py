@@ -18,6 +18,8 @@ from lab.bridgeproc import write_config
 from lab.libvirtd import URI
 from lab.pcsc import direct_transmit
 from lab.qemu import Qemu, free_tcp_port
+from lab.stacks import HOST, Stack
+from tests.fixtures_libvirt import require_stack
 from tests.lifecycle_helpers import (
     CliProcess,
     attach_args,
@@ -28,6 +30,15 @@ from tests.lifecycle_helpers import (
     ours_in_qemu,
 )
 from tests.test_guest import APDUS
+
+
+@pytest.fixture(scope="session")
+def qemu_stack() -> Stack:
+    """attach, detach, doctor and the hook drive the machine's own libvirt and QEMU
+    (Debian 12: libvirt 9.0, QEMU 7.2); the roots' daemons are not theirs to drive."""
+    require_stack(HOST)
+    return HOST
+
 
 __all__ = ["guest_vm"]  # the fixture, used by name
 pytestmark = [pytest.mark.guest, pytest.mark.libvirt, pytest.mark.stack]

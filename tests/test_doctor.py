@@ -17,7 +17,18 @@ from ccidbridge.lifecycle.doctor import Status
 from lab import child_env
 from lab.bridgeproc import write_config
 from lab.libvirtd import URI
+from lab.stacks import HOST, Stack
+from tests.fixtures_libvirt import require_stack
 from tests.lifecycle_helpers import cli, guest_vm
+
+
+@pytest.fixture(scope="session")
+def qemu_stack() -> Stack:
+    """attach, detach, doctor and the hook drive the machine's own libvirt and QEMU
+    (Debian 12: libvirt 9.0, QEMU 7.2); the roots' daemons are not theirs to drive."""
+    require_stack(HOST)
+    return HOST
+
 
 __all__ = ["guest_vm"]  # the fixture, used by name
 QEMU = d.QemuFacts("qemu", "version 7.2.22", devices=frozenset({"usb-ccid", "ccid-card-passthru",

@@ -18,9 +18,20 @@ import pytest
 from ccidbridge.lifecycle.hook import bridge_pid
 from lab.bridgeproc import write_config
 from lab.pcsc import direct_transmit
+from lab.stacks import HOST, Stack
 from lab.vm import Console, cycling_initrd, domain_xml
+from tests.fixtures_libvirt import require_stack
 from tests.lifecycle_helpers import cli, guest_reads_the_card, guest_vm
 from tests.test_guest import APDUS
+
+
+@pytest.fixture(scope="session")
+def qemu_stack() -> Stack:
+    """attach, detach, doctor and the hook drive the machine's own libvirt and QEMU
+    (Debian 12: libvirt 9.0, QEMU 7.2); the roots' daemons are not theirs to drive."""
+    require_stack(HOST)
+    return HOST
+
 
 __all__ = ["guest_vm"]  # the fixture, used by name
 pytestmark = [pytest.mark.guest, pytest.mark.libvirt, pytest.mark.stack]
