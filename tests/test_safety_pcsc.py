@@ -257,7 +257,7 @@ def test_run_trace_is_0600_json_lines_and_never_shows_a_pin(
     assert (first["cla"], first["ins"], first["p1"], first["p2"]) == ("00", "20", "00", "81")
     assert all("data" not in c for c in cmds[: len(pin_commands())])  # never PIN data
     assert all("data" not in r for r in rsps[: len(pin_commands())])
-    assert all(r["ms"] >= 0 and r["sw"] for r in rsps)
+    assert all(r["us"] >= 0 and r["sw"] for r in rsps)
     echo, echo_rsp = cmds[-2], rsps[-2]
     assert echo_rsp["sw"] == "9000"
     if verbose:
