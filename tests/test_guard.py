@@ -177,7 +177,7 @@ def test_P1_P2_first_match_decides_no_match_allows() -> None:
                            rule(ins=range(0xE0, 0xF0)))))
     assert p.check(bytes.fromhex("0047009A00")) is None  # allowed by the first
     denial = p.check(bytes.fromhex("0047009C00"))
-    assert denial is not None and denial.rule == 1 and denial.sw == b"\x69\x86"
+    assert denial is not None and denial.rule == 1 and denial.sw == b"\x69\x85"
     assert p.check(bytes.fromhex("00E6000000")) is not None
     assert p.check(bytes.fromhex("00B0000010")) is None
     assert p.check(b"\x00\x47") is None  # P5

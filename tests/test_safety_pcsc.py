@@ -175,7 +175,7 @@ POLICY = f"""    <policy>
     </policy>"""
 
 
-def test_denied_commands_are_answered_6986_and_never_reach_the_card(test_card, tmp_path) -> None:
+def test_denied_commands_are_answered_6985_and_never_reach_the_card(test_card, tmp_path) -> None:
     card = test_card("dual", process=False)
     with (
         DevicePeer("unix", path=str(tmp_path / "q.sock")) as peer,
@@ -184,17 +184,17 @@ def test_denied_commands_are_answered_6986_and_never_reach_the_card(test_card, t
         peer.wait_card(True)
         before = int.from_bytes(peer.guest(COUNT).data[:4], "big")
         for apdu in ("00E6000000", "00E6000000", "0044000000", "80E6000000"):
-            assert sw(peer.guest(bytes.fromhex(apdu))) == "6986"
+            assert sw(peer.guest(bytes.fromhex(apdu))) == "6985"
         assert int.from_bytes(peer.guest(COUNT).data[:4], "big") == before + 1
         echo = bytes.fromhex("8010000002ABCD")
-        assert sw(peer.guest(echo)) == "6986"  # nothing selected: maybe the test applet (P3)
+        assert sw(peer.guest(echo)) == "6985"  # nothing selected: maybe the test applet (P3)
         assert sw(peer.guest(select(PIV_AID))) == "9000"
         assert peer.guest(echo).data == bytes.fromhex("ABCD9000")  # another applet: allowed
         assert sw(peer.guest(select(TEST_AID))) == "9000"
-        assert sw(peer.guest(echo)) == "6986"
+        assert sw(peer.guest(echo)) == "6985"
         assert sw(peer.guest(bytes.fromhex("8014000004"))) == "9000"  # other INS: allowed
         assert sw(peer.guest(select(bytes.fromhex("F000000001")))) == "6A82"  # failed (S2)
-        assert sw(peer.guest(echo)) == "6986"
+        assert sw(peer.guest(echo)) == "6985"
         count = int.from_bytes(peer.guest(COUNT).data[:4], "big")
     # COUNT, SELECT, ECHO, SELECT, COUNT, SELECT, COUNT: the denied ones never arrived
     assert count == before + 7
@@ -264,7 +264,7 @@ def test_run_trace_is_0600_json_lines_and_never_shows_a_pin(
         assert echo["data"] == "023132" and echo_rsp["data"] == "3132"
     else:
         assert "data" not in text
-    assert rsps[-1]["sw"] == "6986" and rsps[-1]["by"] == "policy"
+    assert rsps[-1]["sw"] == "6985" and rsps[-1]["by"] == "policy"
     assert not leaks(err)
 
 

@@ -16,11 +16,12 @@ P3  ``aid`` is a DF-name prefix.  The selection matches *surely* when the
     card's implicit application may be it).  A ``<deny>`` applies when the
     selection matches surely or possibly; an ``<allow>`` only when surely:
     doubt never opens a door.
-P4  A denied command is answered 6986, "command not allowed", without reaching
-    the card: a final no that middleware reports as such (OpenSC
-    SC_ERROR_NOT_ALLOWED), where 6D00/6A81 would read as "the card cannot",
-    sending it to other command forms, and 6982 as "log in first", sending it
-    to a PIN prompt.  (docs/middleware.md#M15)
+P4  A denied command is answered 6985, "conditions of use not satisfied",
+    without reaching the card: a final "not allowed" that both OpenSC
+    (SC_ERROR_NOT_ALLOWED) and GnuPG (GPG_ERR_USE_CONDITIONS) report as such.
+    6986 reads as "no current EF" to newer GnuPG (ENOENT), 6D00/6A81 as "the card
+    cannot" (middleware tries other command forms), 6982 as "log in first"
+    (a PIN prompt; GnuPG: bad PIN).  (docs/middleware.md#M15)
 P5  A command shorter than a header (4 bytes) is not a command: no rule
     applies, the card answers it with an error of its own.
 P6  ENVELOPE (C2/C3) may wrap any command: a rule for the wrapped INS cannot
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from ccidbridge.protocol.selection import Selection
 from ccidbridge.spec import ApduPolicy, PolicyRule
 
-SW_DENIED = b"\x69\x86"
+SW_DENIED = b"\x69\x85"
 
 
 @dataclass(frozen=True, slots=True)
