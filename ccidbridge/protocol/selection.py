@@ -15,7 +15,7 @@ S2  A failed SELECT by DF name leaves the selection as it was (ISO/IEC 7816-4:
 S3  Each logical channel has its own selection.  The channel comes from CLA:
     first interindustry classes (b8 b7 = 00) and proprietary ones (b8 = 1)
     carry it in b2 b1 (0-3), further interindustry classes (b8 b7 = 01) in b4..b1
-    (4-19).  (ISO/IEC 7816-4 §5.4.1)
+    (4-19).  (ISO/IEC 7816-4 §5.4.1, docs/middleware.md#M12)
 S4  After a card reset (power-up, reinsertion) nothing is known: the card's
     implicit application is unknown (``None``).
 """
