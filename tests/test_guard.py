@@ -51,6 +51,20 @@ def test_selection_follows_successful_select_by_aid_per_channel() -> None:
     assert s.current(0x00) is None
 
 
+def test_S4_manage_channel_forgets_the_channel_it_opens_or_closes() -> None:
+    s = Selection()
+    s.answered(select(PIV), OK)
+    s.answered(select(OPENPGP, cla=0x02), OK)
+    s.answered(select(OPENPGP, cla=0x01), OK)
+    assert not s.answered(bytes.fromhex("0070800200"), b"\x6a\x81")  # failed: kept
+    assert s.answered(bytes.fromhex("0070800200"), OK)  # close channel 2
+    assert s.answered(bytes.fromhex("0170800000"), OK)  # close the channel CLA names (1)
+    assert (s.current(0x00), s.current(0x01), s.current(0x02)) == (PIV, None, None)
+    s.answered(select(OPENPGP, cla=0x03), OK)
+    assert s.answered(bytes.fromhex("0070000001"), b"\x03" + OK)  # opened: the card chose 3
+    assert s.current(0x03) is None and s.current(0x00) == PIV
+
+
 def test_channels_and_extended_select() -> None:
     assert [channel(c) for c in (0x00, 0x03, 0x0F, 0x13, 0x40, 0x4F, 0x6F, 0x83)] == [
         0, 3, 3, 3, 4, 19, 19, 3]

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ccidbridge.protocol.guard import WATCHED, PinGuard
+from ccidbridge.protocol import guard, selection
+from ccidbridge.protocol.guard import PinGuard
 from ccidbridge.protocol.policy import Policy
 from ccidbridge.protocol.selection import Selection
 from ccidbridge.spec import ApduPolicy, PinGuardSpec
+
+#: Every INS whose command or answer the gate must see (the rest pass untouched).
+WATCHED = guard.WATCHED | selection.WATCHED
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,8 @@ G5  A command that spends a try is refused while its counter is known and at
 G6  An unknown counter allows the command (and is learned from its answer).
 G7  After a card reset or reinsertion nothing is known (it may be another card).
 G8  ``keep = 0`` switches the guard off.
+G9  ENVELOPE (C2/C3) is not looked into: a PIN command wrapped in one is not
+    followed (deny C2-C3 with ``<policy>`` where that matters).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ INS_VERIFY = frozenset({0x20, 0x21})
 INS_CHANGE = frozenset({0x24, 0x25})
 INS_RESET = frozenset({0x2C, 0x2D})
 INS_GET_DATA = frozenset({0xCA, 0xCB})
-#: Every INS the guard looks at (G1, G4), for the runtime's cheap first test.
-WATCHED = INS_VERIFY | INS_CHANGE | INS_RESET | INS_GET_DATA | {0xA4}
+#: Every INS the guard looks at (G1, G4), for the gate's cheap first test.
+WATCHED = INS_VERIFY | INS_CHANGE | INS_RESET | INS_GET_DATA
 #: What a refused command is answered with (G5).
 SW_REFUSED = b"\x69\x83"
 OPENPGP_AID = bytes.fromhex("D27600012401")

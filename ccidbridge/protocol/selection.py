@@ -17,13 +17,18 @@ S3  Each logical channel has its own selection.  The channel comes from CLA:
     carry it in b2 b1 (0-3), further interindustry classes (b8 b7 = 01) in b4..b1
     (4-19).  (ISO/IEC 7816-4 §5.4.1, docs/middleware.md#M12)
 S4  After a card reset (power-up, reinsertion) nothing is known: the card's
-    implicit application is unknown (``None``).
+    implicit application is unknown (``None``).  The same holds for a channel
+    MANAGE CHANNEL (INS 70) opened or closed: what a new channel holds is the
+    card's choice.
 """
 
 from __future__ import annotations
 
 INS_SELECT = 0xA4
+INS_MANAGE_CHANNEL = 0x70
 P1_BY_DF_NAME = 0x04
+#: The INS codes whose answers change the selection (S1, S4).
+WATCHED = frozenset({INS_SELECT, INS_MANAGE_CHANNEL})
 
 
 def channel(cla: int) -> int:
@@ -68,7 +73,15 @@ class Selection:
         return self._aids.get(channel(cla))
 
     def answered(self, apdu: bytes, response: bytes) -> bool:
-        """Learn from one exchange; True if the selection changed (S1, S2)."""
+        """Learn from one exchange; True if the selection changed (S1, S2, S4)."""
+        if len(apdu) >= 4 and apdu[1] == INS_MANAGE_CHANNEL:
+            if response[-2:] != b"\x90\x00":
+                return False
+            if apdu[2] == 0x80:  # close: P2, or 00 for the channel CLA names
+                which = apdu[3] or channel(apdu[0])
+            else:  # open: P2, or 00 for the one the card assigns (its answer's first byte)
+                which = apdu[3] or (response[0] if len(response) == 3 else 0)
+            return self._aids.pop(which, None) is not None
         aid = selected_aid(apdu)
         if aid is None or not succeeded(response):
             return False
