@@ -440,8 +440,8 @@ class CardBridge:
     def _refuse(self, seq: int, apdu: bytes, refusal: Refusal) -> None:
         """The gate answers for the card, which never sees the command."""
         level = logging.WARNING if refusal.first else logging.DEBUG
-        self.log.log(level, "APDU %s refused by the %s: %s", apdulog.describe_command(apdu),
-                     refusal.by, refusal.reason)
+        self.log.log(level, "APDU %s refused by the %s: %s",
+                     apdulog.describe_command(apdu, self._trace_data), refusal.by, refusal.reason)
         if self._tracer is not None:
             self._tracer.exchange(apdu, refusal.sw, time.monotonic(), by=refusal.by)
         self.session.handle(ev.ApduResponse(seq, refusal.sw))
