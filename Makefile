@@ -8,15 +8,24 @@ PACKAGES := $(shell sed 's/\#.*//' .ci/debian-packages)
 ISOLATED := .ci/isolated
 READER   ?=
 
-.PHONY: setup deps venv guest wheelhouse test typecheck demo bench lint examples clean
+.PHONY: setup deps venv guest roots wheelhouse test typecheck demo bench lint examples clean
 
-setup: deps venv guest wheelhouse
+setup: deps venv roots guest wheelhouse
+
+# The Debian 13 and sid roots (QEMU 10.0/11.1, libvirt 11.3/12.8, pcsc-lite 2.3/2.5)
+# debootstrapped into .cache/roots before entering the namespace, like the guest:
+# debootstrap needs Debian's archive.  Cached; rebuilt when missing or when
+# lab/stacks.py's package list changes.  A root that cannot be built stops here
+# with one line naming the stack and why.
+roots: venv
+	$(PY) -m lab.stacks
 
 # The test guest (Debian kernel + initramfs) is built into .cache/guest before
 # entering the namespace: the kernel download needs the network, which
 # .ci/isolated does not have.  Cached; rebuilt only when its inputs change.
-guest: venv
+guest: venv roots
 	$(PY) -m lab.guest
+	$(PY) -m lab.guest.stackguest
 
 # Install the Debian packages that are missing (and only those).
 deps:

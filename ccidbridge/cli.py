@@ -18,6 +18,10 @@ COMMANDS = (
     "ccidbridge.commands.check",
     "ccidbridge.commands.libvirt",
     "ccidbridge.commands.qemu_argv",
+    "ccidbridge.commands.attach",
+    "ccidbridge.commands.detach",
+    "ccidbridge.commands.doctor",
+    "ccidbridge.commands.hook",
 )
 
 

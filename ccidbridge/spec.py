@@ -52,6 +52,9 @@ class ReaderSpec:
     protocol: CardProtocol = CardProtocol.ANY
     rewrite_atr: bool = True  # announce T=0 to QEMU's T=0-only reader (``rewrite-atr='no'`` off)
     apdu_timeout: float = 30.0  # seconds before a silent card's APDU is failed (``timeout=``)
+    #: presentation rules switched off for this card (``keep='ext-length le'``,
+    #: names from ccidbridge.protocol.presentation.RULES, or ``all``)
+    keep: frozenset[str] = frozenset()
     line: int = 0  # line of the <reader> (or <smartcard>) element, for messages
 
 

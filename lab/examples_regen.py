@@ -2,7 +2,8 @@
 
 ``python -m lab.examples_regen`` (``make examples``) rewrites them;
 ``--check`` only reports the stale ones (exit 1), which is what the test runs.
-The argv is written for QEMU 7.2 (Debian 12), the version the oracle runs.
+The output is written for QEMU 7.2 with libvirt 9.0 (Debian 12); the oracle
+suite compares the same configs for the newer stacks too.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 from ccidbridge.config import load
 from ccidbridge.config.layout import layout
 from ccidbridge.config.libvirt_xml import render as render_libvirt
-from ccidbridge.config.qemu_argv import QemuVersion
 from ccidbridge.config.qemu_argv import render as render_argv
+from ccidbridge.config.versions import LibvirtVersion, QemuVersion, Target
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-QEMU = QemuVersion(7, 2)
+QEMU = Target(QemuVersion(7, 2), LibvirtVersion(9, 0))
 
 
 def configs(directory: Path = EXAMPLES) -> list[Path]:
@@ -27,7 +28,7 @@ def configs(directory: Path = EXAMPLES) -> list[Path]:
 
 def generated(config: Path) -> dict[Path, str]:
     """The generated files of one example config, and their text."""
-    lay = layout(load(str(config)).devices)
+    lay = layout(load(str(config)).devices, QEMU.libvirt)
     stem = config.with_suffix("")
     return {
         stem.with_name(stem.name + ".libvirt.xml"): render_libvirt(lay, QEMU),

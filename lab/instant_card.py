@@ -28,7 +28,7 @@ class InstantCard:
         self._out: list[CardReport] = []
 
     def start(self, wake: Callable[[], None]) -> None:
-        self._out.append(Inserted(self.atr, "instant", 1))
+        self._out.append(Inserted(self.atr, "instant", 0))
         wake()
 
     def reports(self, now: float) -> list[CardReport]:
@@ -42,7 +42,7 @@ class InstantCard:
         return self.respond(apdu)
 
     def revive(self, failed: bool) -> None:
-        self._out.append(Inserted(self.atr, "instant", 1))
+        self._out.append(Inserted(self.atr, "instant", 0))
 
     def stop(self) -> None:
         pass

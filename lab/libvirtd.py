@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab import child_env
+from lab.stacks import HOST, Stack
 
 URI = "qemu:///system"
 PRIVATE_DIRS = ("/etc/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/var/log/libvirt")
@@ -55,8 +56,8 @@ class LibvirtdError(RuntimeError):
     """libvirtd could not be set up, started or queried."""
 
 
-def isolation_problem() -> str | None:
-    """Why it is unsafe to start libvirtd here, or None when it is safe."""
+def isolation_problem(stack: Stack = HOST) -> str | None:
+    """Why it is unsafe (or impossible) to start ``stack``'s libvirtd here, or None."""
     if os.environ.get("CCIDBRIDGE_ISOLATED") != "1":
         return (
             "libvirtd is only started inside .ci/isolated (CCIDBRIDGE_ISOLATED=1); run "
@@ -67,6 +68,8 @@ def isolation_problem() -> str | None:
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
         if not any(" /run " in line and "ccidbridge-run" in line for line in f):
             return "CCIDBRIDGE_ISOLATED=1 but /run is not .ci/isolated's private tmpfs"
+    if not stack.is_host:
+        return stack.problem()
     for tool in ("libvirtd", "virsh"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (see .ci/debian-packages)"
@@ -119,35 +122,47 @@ def _with_libvirt_qemu(original: str, line: str) -> str:
     return text + ("" if text.endswith("\n") or not text else "\n") + line + "\n"
 
 
-def make_private(root: Path, cache_dir: Path | None) -> PrivateMounts:
-    """Hide the machine's libvirt paths (see the module docstring) behind ``root``."""
+def make_private(root: Path, cache_dir: Path | None, stack: Stack = HOST) -> PrivateMounts:
+    """Hide ``stack``'s libvirt paths (see the module docstring) behind ``root``.
+
+    In a Debian 13 / sid root the same mounts go onto the root's paths (its
+    /var/lib/libvirt is already a private tmpfs, lab.stacks.Stack.enter).
+    """
     mounts = PrivateMounts(root)
     try:
-        for target in PRIVATE_DIRS:
-            if target == "/var/cache/libvirt" and cache_dir is not None:
+        for inside in PRIVATE_DIRS:
+            target = str(stack.path(inside))
+            if inside == "/var/cache/libvirt" and cache_dir is not None:
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 private = cache_dir
             else:
                 private = root / target.strip("/").replace("/", "_")
                 private.mkdir(parents=True)
             if not os.path.isdir(target):
-                mounts.overlay_parent(target)
-                os.mkdir(target)
+                if stack.is_host:
+                    mounts.overlay_parent(target)
+                os.makedirs(target, exist_ok=True)
             mounts.bind(private, target)
-        Path("/etc/libvirt/qemu.conf").write_text(QEMU_CONF, encoding="utf-8")
+        # Chrooted, "/" is no mount point, so the per-domain mount namespace libvirt
+        # gives QEMU fails ("Failed disable mount propagation out of the root
+        # filesystem: Invalid argument", docs/lab.md#V21): the roots' libvirtd goes without.
+        conf = QEMU_CONF if stack.is_host else QEMU_CONF + "namespaces = []\n"
+        stack.path("/etc/libvirt/qemu.conf").write_text(conf, encoding="utf-8")
         passwd = root / "passwd"
         group = root / "group"
         passwd.write_text(
             _with_libvirt_qemu(
-                "/etc/passwd", "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin"
+                str(stack.path("/etc/passwd")),
+                "libvirt-qemu:x:64055:64055::/var/lib/libvirt:/usr/sbin/nologin",
             ),
             encoding="utf-8",
         )
         group.write_text(
-            _with_libvirt_qemu("/etc/group", "libvirt-qemu:x:64055:"), encoding="utf-8"
+            _with_libvirt_qemu(str(stack.path("/etc/group")), "libvirt-qemu:x:64055:"),
+            encoding="utf-8",
         )
-        mounts.bind(passwd, "/etc/passwd")
-        mounts.bind(group, "/etc/group")
+        mounts.bind(passwd, str(stack.path("/etc/passwd")))
+        mounts.bind(group, str(stack.path("/etc/group")))
     except BaseException:
         mounts.undo()
         raise
@@ -155,33 +170,54 @@ def make_private(root: Path, cache_dir: Path | None) -> PrivateMounts:
 
 
 class Libvirtd:
-    """One libvirtd process with private state; use as a context manager."""
+    """One libvirtd process with private state; use as a context manager.
 
-    def __init__(self, cache_dir: Path | None = None, start_timeout: float = 60.0) -> None:
+    ``stack`` picks whose libvirtd (and so whose QEMU) runs: this machine's
+    libvirt 9.0, or libvirt 11.3 / 12.8 chrooted in a Debian root (lab.stacks).
+    """
+
+    def __init__(self, cache_dir: Path | None = None, start_timeout: float = 60.0,
+                 stack: Stack = HOST) -> None:
         self.cache_dir = cache_dir
         self.start_timeout = start_timeout
-        self.root = Path(tempfile.mkdtemp(prefix="ccidbridge-libvirtd-", dir="/run"))
+        self.stack = stack
+        self.root = Path("/nonexistent")  # a private dir under the stack's /run, at start
         self.log = self.root / "libvirtd.log"
         self.pid: int | None = None
         self._mounts: PrivateMounts | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Libvirtd:
-        problem = isolation_problem()
+        problem = isolation_problem(self.stack)
         if problem:
             raise LibvirtdError(problem)
-        self._mounts = make_private(self.root / "private", self.cache_dir)
+        self.stack.enter()
+        self.root = Path(tempfile.mkdtemp(prefix="ccidbridge-libvirtd-",
+                                          dir=self.stack.path("/run")))
+        self.log = self.root / "libvirtd.log"
+        self._mounts = make_private(self.root / "private", self.cache_dir, self.stack)
+        self.hooks_dir.mkdir(exist_ok=True)
+        self._start_daemon()
+        return self
+
+    @property
+    def hooks_dir(self) -> Path:
+        """libvirt's hook directory, inside the private /etc/libvirt (of the stack's root)."""
+        return self.stack.path("/etc/libvirt/hooks")
+
+    def _start_daemon(self) -> None:
+        inside = self.stack.inside
         conf = self.root / "libvirtd.conf"
         conf.write_text(
-            f'log_level = 3\nlog_outputs = "3:file:{self.log}"\n'
+            f'log_level = 3\nlog_outputs = "3:file:{inside(self.log)}"\n'
             'auth_unix_rw = "none"\nauth_unix_ro = "none"\n',
             encoding="utf-8",
         )
         pidfile = self.root / "libvirtd.pid"
         with open(self.root / "libvirtd.stdout", "wb") as out:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "lab.libvirtd", "libvirtd", "-f", str(conf),
-                 "-p", str(pidfile)],
+                [sys.executable, "-m", "lab.libvirtd",
+                 *self.stack.command(["libvirtd", "-f", inside(conf), "-p", inside(pidfile)])],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=child_env(),
             )
@@ -191,15 +227,16 @@ class Libvirtd:
             if self._proc.poll() is not None:
                 self.stop()
                 raise LibvirtdError(f"libvirtd exited at start; see {self.root}")
-            probe = subprocess.run(["virsh", "-c", URI, "version"], capture_output=True)
+            probe = subprocess.run(self.stack.command(["virsh", "-c", URI, "version"]),
+                                   capture_output=True)
             if probe.returncode == 0:
-                return self
+                return
             if time.monotonic() > deadline:
                 self.stop()
                 raise LibvirtdError(f"libvirtd not ready after {self.start_timeout} s")
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def _stop_daemon(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
             running = self.virsh("list", "--name").stdout.split()
             for name in running:  # the reaper waits for every QEMU libvirt started
@@ -211,6 +248,15 @@ class Libvirtd:
                 os.kill(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
         self._proc = None
+
+    def restart(self) -> None:
+        """Stop the daemon (and its domains) and start it again on the same private
+        state: libvirtd looks for hooks (:attr:`hooks_dir`) only when it starts."""
+        self._stop_daemon()
+        self._start_daemon()
+
+    def stop(self) -> None:
+        self._stop_daemon()
         if self._mounts is not None:
             self._mounts.undo()
             self._mounts = None
@@ -224,13 +270,14 @@ class Libvirtd:
 
     def virsh(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run ``virsh -c qemu:///system ARGS`` (never raises on a non-zero exit)."""
-        return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True)
+        return subprocess.run(self.stack.command(["virsh", "-c", URI, *args]),
+                              capture_output=True, text=True)
 
     def _xml_file(self, xml: str) -> str:
         fd, path = tempfile.mkstemp(suffix=".xml", dir=self.root)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(xml)
-        return path
+        return self.stack.inside(path)
 
     def domxml_to_native(self, domain_xml: str) -> subprocess.CompletedProcess[str]:
         """``virsh domxml-to-native qemu-argv``: the one-line shell-quoted argv."""
@@ -256,7 +303,8 @@ class Libvirtd:
     def qemu_log(self, name: str) -> str:
         """The domain's QEMU log (argv and stderr), from the private /var/log/libvirt."""
         try:
-            return Path(f"/var/log/libvirt/qemu/{name}.log").read_text(errors="replace")
+            return self.stack.path(f"/var/log/libvirt/qemu/{name}.log").read_text(
+                errors="replace")
         except OSError:
             return ""
 

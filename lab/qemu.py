@@ -31,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ccidbridge.config.versions import QemuVersion
 from lab.process import reap
+from lab.stacks import HOST, Stack
 
 QEMU = "qemu-system-x86_64"
 
@@ -132,6 +134,7 @@ def passthru_args(
     server: bool = True,
     memory_mb: int = 64,
     tls_dir: str | None = None,
+    reconnect_ms: bool = False,
 ) -> list[str]:
     """Argv (without the binary) for QEMU alone with one passthru card per endpoint.
 
@@ -147,7 +150,8 @@ def passthru_args(
     args = ["-machine", "pc", "-accel", "tcg", "-nodefaults", "-display", "none",
             "-serial", "none", "-m", str(memory_mb), "-usb"]  # fmt: skip
     for i, ep in enumerate(endpoints):
-        mode = "server=on,wait=off" if server else "server=off,reconnect=1"
+        client = "server=off,reconnect-ms=1000" if reconnect_ms else "server=off,reconnect=1"
+        mode = "server=on,wait=off" if server else client
         if tls_dir is not None:
             role = "server" if server else "client"
             args += ["-object", f"tls-creds-x509,id=tls{i},dir={tls_dir},endpoint={role},"
@@ -167,6 +171,8 @@ class Qemu:
     ``start()`` execs QEMU with ``args`` plus ``-qmp``, connects to QMP and
     does the ``qmp_capabilities`` handshake.  stdout/stderr go to
     ``stdout_path``/``stderr_path`` in ``workdir``.  ``kill()`` stops it by pid.
+    ``stack`` picks whose QEMU runs (lab.stacks: this machine's, or chrooted in a
+    Debian 13 / sid root); the workdir must then be under /tmp (bound into the root).
     """
 
     def __init__(
@@ -177,8 +183,10 @@ class Qemu:
         env: dict[str, str] | None = None,
         binary: str = QEMU,
         start_timeout: float = 10.0,
+        stack: Stack = HOST,
     ) -> None:
         self.args = list(args)
+        self.stack = stack
         self._own_tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
             self._own_tmp = tempfile.TemporaryDirectory(prefix="ccidbridge-qemu-")
@@ -206,11 +214,13 @@ class Qemu:
 
     @property
     def argv(self) -> list[str]:
-        return [self.binary, *self.args, "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        return self.stack.command(
+            [self.binary, *self.args, "-qmp", f"unix:{self.qmp_path},server=on,wait=off"])
 
     def start(self) -> Qemu:
-        if shutil.which(self.binary) is None:
+        if self.stack.is_host and shutil.which(self.binary) is None:
             raise QemuError(f"{self.binary} not found")
+        self.stack.enter()
         env = dict(os.environ)
         if self.env:
             env.update(self.env)
@@ -366,8 +376,9 @@ class QemuPassthru(Qemu):
         workdir: Path | str | None = None,
         extra_args: list[str] | None = None,
         tls_dir: str | None = None,
+        stack: Stack = HOST,
     ) -> None:
-        super().__init__([], workdir=workdir)
+        super().__init__([], workdir=workdir, stack=stack)
         if endpoints is None:
             if transport == "tcp":
                 endpoints = [TcpEndpoint(free_tcp_port()) for _ in range(n_cards)]
@@ -379,9 +390,10 @@ class QemuPassthru(Qemu):
                 raise ValueError(f"transport must be tcp or unix, not {transport!r}")
         self.endpoints: list[Endpoint] = endpoints
         self.server = server
-        self.args = passthru_args(endpoints, server=server, tls_dir=tls_dir) + list(
-            extra_args or []
-        )
+        reconnect_ms = QemuVersion.parse(stack.qemu).has_reconnect_ms
+        self.args = passthru_args(
+            endpoints, server=server, reconnect_ms=reconnect_ms, tls_dir=tls_dir
+        ) + list(extra_args or [])
         if debug:
             self.env = {"QEMU_CCID_PASSTHRU_DEBUG": "4", "QEMU_CCID_DEBUG": "4"}
 

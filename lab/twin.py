@@ -10,6 +10,13 @@ of responses over 374 bytes, and the replies to every message type.
 
 The guest side is a method call: :meth:`guest_transmit` is an XfrBlock, and
 :attr:`answers` records what the guest got for each request.
+
+``t1_reader=True`` models the usb-ccid of QEMU's development tree with
+``x-t1-support`` on (dwProtocols = 3, docs/libvirt.md#L33; in no release up to
+11.1): a guest whose card's ATR offers T=1 negotiates T=1, and usb-ccid, still
+at TPDU level, forwards its **T=1 blocks** verbatim.  The guest here does what
+libccid does: an S(IFS request) first, then each command in an I-block with
+alternating N(S).  Unverified against a real QEMU until one ships.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
+from ccidbridge.protocol.atr import AtrError
+from ccidbridge.protocol.atr import parse as parse_atr
 from ccidbridge.protocol.messages import frame
 from ccidbridge.protocol.qemu import MAX_ATR, MAX_RESPONSE_TO_QEMU, QEMU_INPUT_BUFFER, check_atr
 from ccidbridge.protocol.wire import (
@@ -64,8 +73,11 @@ class GuestAnswer:
 class QemuDevice:
     """usb-ccid + ccid-card-passthru as QEMU 7.2 implements them."""
 
-    def __init__(self, *, wait_on: bool = False) -> None:
+    def __init__(self, *, wait_on: bool = False, t1_reader: bool = False) -> None:
         self.wait_on = wait_on  # server=on,wait=on: Init sent at realize reaches the peer
+        self.t1_reader = t1_reader  # usb-ccid offers T=0 and T=1 (x-t1-support=on)
+        self._t1_ns = 0  # the guest's next I-block N(S)
+        self._t1_ifs_sent = False
         self.connected = False
         self.wedged = False
         self.card_present = False
@@ -189,6 +201,31 @@ class QemuDevice:
 
     # -- the guest ------------------------------------------------------------------
 
+    @property
+    def guest_protocol(self) -> int:
+        """What the guest negotiates: T=1 when the reader and the ATR both offer it."""
+        if not self.t1_reader:
+            return 0
+        try:
+            offered = parse_atr(self.atr).protocols
+        except AtrError:
+            return 0
+        return 1 if 1 in offered else 0
+
+    def guest_command(self, apdu: bytes) -> list[int]:
+        """The guest's driver sends ``apdu`` in the negotiated protocol: as is under T=0;
+        under T=1 an S(IFS request) before the first command, then an I-block.
+        Returns the sequence numbers of the XfrBlocks."""
+        if self.guest_protocol == 0:
+            return [self.guest_transmit(apdu)]
+        seqs = []
+        if not self._t1_ifs_sent:
+            self._t1_ifs_sent = True
+            seqs.append(self.guest_transmit(_t1_block(0xC1, bytes([254]))))
+        seqs.append(self.guest_transmit(_t1_block(self._t1_ns << 6, apdu)))
+        self._t1_ns ^= 1
+        return seqs
+
     def guest_transmit(self, apdu: bytes) -> int:
         """An XfrBlock from the guest; returns its sequence number.
 
@@ -216,3 +253,12 @@ class QemuDevice:
             if answer.seq == seq:
                 return answer
         return None
+
+
+def _t1_block(pcb: int, inf: bytes) -> bytes:
+    """ISO/IEC 7816-3 §11.3: NAD 0, PCB, LEN, INF, LRC (XOR of the other bytes)."""
+    head = bytes([0, pcb, len(inf)]) + inf
+    lrc = 0
+    for byte in head:
+        lrc ^= byte
+    return head + bytes([lrc])

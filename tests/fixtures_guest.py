@@ -5,6 +5,7 @@
 - ``boot_guest``: ``boot_guest(device_args, steps=..., timeout=..., **kw) -> GuestRun``.
 - ``start_guest``: the same but returns a running :class:`GuestHandle`;
   every handle still running at teardown is killed.
+- ``middleware_image``: the guest with OpenSC and GnuPG (lab/guest/middleware.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 from lab.guest import GuestHandle, GuestImage, GuestRun, build_guest
 from lab.guest import boot as guest_boot
+from lab.guest.middleware import build_middleware_guest
 from tests.fixtures_stack import missing
 
 
@@ -53,3 +55,10 @@ def boot_guest(start_guest: Callable[..., GuestHandle]) -> Callable[..., GuestRu
         return start_guest(device_args, steps, timeout, **kwargs).result()
 
     return boot
+
+
+@pytest.fixture(scope="session")
+def middleware_image(guest_image: GuestImage) -> GuestImage:
+    """The middleware guest (OpenSC + GnuPG, lab/guest/middleware.py), built once."""
+    del guest_image  # built first: the middleware image extends it
+    return build_middleware_guest()

@@ -1,13 +1,18 @@
 """pytest fixtures: a throwaway libvirtd (oracle), and helpers that cut its output down
 to the devices ccidbridge renders.
 
-The daemon only starts inside ``.ci/isolated`` (see lab.libvirtd);
-anywhere else the fixture fails loudly rather than touching the machine's libvirt.
+``libvirtd`` is parametrized over the three stacks (lab.stacks): libvirt 9.0
+with QEMU 7.2 (this machine), 11.3 with QEMU 10.0 (Debian 13) and 12.8 with
+QEMU 11.1 (sid), so every oracle test runs against each; ``target(stack)`` is
+what ccidbridge must write for that stack.  The daemon only starts inside
+``.ci/isolated`` (see lab.libvirtd); anywhere else, or when a stack's root is
+missing, the fixture fails loudly (one line naming the stack and why).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -17,9 +22,11 @@ from lxml import etree
 
 from ccidbridge.config import loads
 from ccidbridge.config.layout import Layout, layout
-from ccidbridge.config.libvirt_xml import commandline_lines, device_lines
-from ccidbridge.config.qemu_argv import QemuVersion, argv
+from ccidbridge.config.libvirt_xml import device_lines, domain_lines
+from ccidbridge.config.qemu_argv import argv
+from ccidbridge.config.versions import LibvirtVersion, QemuVersion, Target, Versions
 from lab.libvirtd import Libvirtd, LibvirtdError, isolation_problem
+from lab.stacks import STACKS, Stack
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "libvirt"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
@@ -41,17 +48,44 @@ def wrap(devices: str, outside: str = "", name: str = "ccidbridge-oracle") -> st
     return DOMAIN.format(ns=QEMU_NS, name=name, devices=devices, outside=outside)
 
 
-@pytest.fixture(scope="session")
-def libvirtd():
-    """A private libvirtd for the session (qemu:///system inside the namespace)."""
-    problem = isolation_problem()
+def libvirt_of(version: Versions) -> LibvirtVersion:
+    """The libvirt a renderer argument stands for (a bare QemuVersion: 9.0, layout's default)."""
+    return version.libvirt if isinstance(version, Target) else LibvirtVersion(9, 0)
+
+
+def target(stack: Stack) -> Target:
+    """What ccidbridge writes for ``stack``'s QEMU driven by its libvirt."""
+    return Target(QemuVersion.parse(stack.qemu), LibvirtVersion.parse(stack.libvirt))
+
+
+def require_stack(stack: Stack) -> None:
+    """Fail (never skip) with one line when ``stack`` cannot run here."""
+    problem = stack.problem()
     if problem:
-        pytest.fail(f"refusing to start libvirtd: {problem}", pytrace=False)
-    daemon = Libvirtd(cache_dir=CACHE)
+        pytest.fail(problem, pytrace=False)
+
+
+@pytest.fixture(scope="session", params=STACKS, ids=str)
+def qemu_stack(request: pytest.FixtureRequest) -> Stack:
+    """Each of the three stacks in turn (lab.stacks).  A root's programs run chrooted in
+    .ci/isolated only: outside it (plain pytest) that is a skip, under make test never."""
+    require_stack(request.param)
+    if not request.param.is_host and os.environ.get("CCIDBRIDGE_ISOLATED") != "1":
+        pytest.skip(f"the {request.param} stack runs chrooted inside .ci/isolated")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def libvirtd(qemu_stack: Stack):
+    """A private libvirtd of ``qemu_stack`` for the session (qemu:///system, namespaced)."""
+    problem = isolation_problem(qemu_stack)
+    if problem:
+        pytest.fail(f"refusing to start libvirtd ({qemu_stack}): {problem}", pytrace=False)
+    daemon = Libvirtd(cache_dir=CACHE / qemu_stack.name, stack=qemu_stack)
     try:
         daemon.start()
     except LibvirtdError as exc:
-        pytest.fail(f"libvirtd did not start: {exc}", pytrace=False)
+        pytest.fail(f"libvirtd ({qemu_stack}) did not start: {exc}", pytrace=False)
     try:
         yield daemon
     finally:
@@ -169,16 +203,16 @@ def needs_spice(text: str) -> bool:
     return "spicevmc" in text or "spiceport" in text
 
 
-def output_domain(lay: Layout, version: QemuVersion, extra_devices: str = "",
+def output_domain(lay: Layout, version: Versions, extra_devices: str = "",
                   outside: str = "", portable: bool = False) -> str:
     """A domain holding ccidbridge's libvirt output (and what else the case needs)."""
     devices = "\n".join("    " + ln for ln in device_lines(lay, portable)) + "\n" + extra_devices
-    commandline = "\n".join(commandline_lines(lay, version))
+    commandline = "\n".join(domain_lines(lay, version))
     return wrap(devices, commandline + "\n" + outside)
 
 
-def ours(config_text: str, version: QemuVersion) -> tuple[Layout, list[str], list[str]]:
+def ours(config_text: str, version: Versions) -> tuple[Layout, list[str], list[str]]:
     """Our layout, libvirt device lines (indented as in dumpxml), and device argv."""
-    lay = layout(loads(config_text).devices)
+    lay = layout(loads(config_text).devices, libvirt_of(version))
     lines = ["    " + ln for ln in device_lines(lay)]
     return lay, lines, our_args(argv(lay, version))

@@ -10,6 +10,7 @@ the research notes ("notes §3", "gotcha 10"), "the brief" or an issue number.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from collections.abc import Callable
@@ -59,8 +60,11 @@ def anchors_of(path: str) -> frozenset[str] | None:
 @cache
 def md_names() -> frozenset[str]:
     """Every Markdown file of the repository, by path from the root and by name."""
-    files = [p.relative_to(ROOT) for p in ROOT.rglob("*.md")
-             if not {".git", ".venv", ".cache", "node_modules"} & set(p.parts)]
+    skip = {".git", ".venv", ".cache", "node_modules", "build"}
+    files = []
+    for top, dirs, names in os.walk(ROOT):  # pruned: .cache holds whole Debian roots
+        dirs[:] = [d for d in dirs if d not in skip]
+        files += [(Path(top) / n).relative_to(ROOT) for n in names if n.endswith(".md")]
     return frozenset({str(p) for p in files} | {p.name for p in files})
 
 

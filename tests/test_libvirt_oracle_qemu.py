@@ -1,4 +1,5 @@
-"""Real QEMU 7.2 started with ``ccidbridge qemu-argv --usb`` output for the examples.
+"""Real QEMU (7.2, 10.0 and 11.1: every stack) started with ``ccidbridge qemu-argv --usb``
+output for the examples, rendered for that stack's QEMU and libvirt.
 
 Each example's ports and socket paths are swapped for private ones; QEMU must
 start, show every card in ``info qtree`` / ``info usb``, and every card the
@@ -19,10 +20,10 @@ import pytest
 
 from ccidbridge.config import loads
 from ccidbridge.config.layout import layout
-from ccidbridge.config.qemu_argv import QemuVersion, render
+from ccidbridge.config.qemu_argv import render
 from lab.examples_regen import EXAMPLES
 from lab.qemu import Qemu, free_tcp_port, tcp_listening, unix_listening
-from tests.fixtures_libvirt import output_domain
+from tests.fixtures_libvirt import output_domain, target
 
 pytestmark = pytest.mark.qemu
 BASE = ["-machine", "pc", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64"]
@@ -67,7 +68,8 @@ def _private(text: str, tmp: Path) -> str:
 
 
 @pytest.mark.parametrize("name", ["tcp-bind", "tcp-connect", "unix", "reconnect", "two-cards"])
-def test_qemu_starts_and_every_card_answers(tmp_path: Path, name: str) -> None:
+def test_qemu_starts_and_every_card_answers(qemu_stack, tmp_path: Path,  # noqa: ANN001
+                                            name: str) -> None:
     config = loads(_private((EXAMPLES / f"{name}.xml").read_text(), tmp_path), f"{name}.xml")
     cards = config.served_cards()
     assert cards
@@ -81,9 +83,10 @@ def test_qemu_starts_and_every_card_answers(tmp_path: Path, name: str) -> None:
             srv.listen(1)
             srv.settimeout(10)
             listeners[card.label] = srv
-    lay = layout(config.devices)
-    args = BASE + shlex.split(render(lay, QemuVersion(7, 2), add_usb=True))
-    with Qemu(args, workdir=tmp_path / "qemu") as qemu:
+    version = target(qemu_stack)
+    lay = layout(config.devices, version.libvirt)
+    args = BASE + shlex.split(render(lay, version, add_usb=True))
+    with Qemu(args, workdir=tmp_path / "qemu", stack=qemu_stack) as qemu:
         qtree = qemu.hmp("info qtree")
         usb = qemu.hmp("info usb")
         for placed in lay.cards:
@@ -114,13 +117,13 @@ def test_qemu_starts_and_every_card_answers(tmp_path: Path, name: str) -> None:
         srv.close()
 
 
-def test_qemu_starts_with_spicevmc_example(tmp_path: Path) -> None:
+def test_qemu_starts_with_spicevmc_example(qemu_stack, tmp_path: Path) -> None:  # noqa: ANN001
     """The spicevmc card and agent channel exist once QEMU has SPICE (libvirt adds -spice)."""
     config = loads((EXAMPLES / "spicevmc.xml").read_text(), "spicevmc.xml")
     port = free_tcp_port()
     args = BASE + ["-spice", f"port={port},addr=127.0.0.1,disable-ticketing=on"] + shlex.split(
-        render(layout(config.devices), QemuVersion(7, 2), add_usb=True))
-    with Qemu(args, workdir=tmp_path / "qemu") as qemu:
+        render(layout(config.devices), target(qemu_stack), add_usb=True))
+    with Qemu(args, workdir=tmp_path / "qemu", stack=qemu_stack) as qemu:
         qtree = qemu.hmp("info qtree")
         assert 'dev: ccid-card-passthru, id "smartcard0"' in qtree
         assert 'dev: virtserialport, id "channel0"' in qtree
@@ -140,8 +143,9 @@ def _wait_listening(ep, timeout: float = 10.0) -> None:  # noqa: ANN001
 def test_libvirt_starts_two_cards_and_both_answer(libvirtd, tmp_path: Path) -> None:
     """``virsh create`` with the two-cards output (one <smartcard> + <qemu:commandline>)."""
     config = loads(_private((EXAMPLES / "two-cards.xml").read_text(), tmp_path), "two.xml")
-    lay = layout(config.devices)
-    domain = output_domain(lay, QemuVersion(7, 2)).replace(
+    version = target(libvirtd.stack)
+    lay = layout(config.devices, version.libvirt)
+    domain = output_domain(lay, version).replace(
         "<name>ccidbridge-oracle</name>", "<name>ccidbridge-two-cards</name>")
     started = libvirtd.create(domain)
     assert started.returncode == 0, started.stderr + libvirtd.qemu_log("ccidbridge-two-cards")

@@ -6,9 +6,11 @@ pcscd + vpcd cards behind the bridge.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
+import threading
 import time
 
 import pytest
@@ -298,3 +300,28 @@ def test_a_peer_that_stops_reading_then_goes_away_costs_only_its_connection(tmp_
         with DevicePeer("unix", listen=False, path=path) as peer:
             peer.wait_card(True)
             assert peer.guest(b"\x00\xa4\x00\x00").data == echo_card(b"\x00\xa4\x00\x00")
+
+
+def test_peers_knocking_while_the_bridge_says_goodbye_are_turned_away(tmp_path) -> None:
+    """The old runtime raised inside an asyncio callback when a peer connected
+    between the goodbye's last ack and the listener's close."""
+    path = str(tmp_path / "q.sock")
+    bridge = RunningBridge(served_card(Endpoint("unix", True, path=path)), reversing_card())
+    with DevicePeer("unix", listen=False, path=path) as peer:
+        peer.wait_card(True)
+        stopper = threading.Thread(target=bridge.bridge.stop)
+        stopper.start()
+        knocks = 0
+        while stopper.is_alive():
+            knock = socket.socket(socket.AF_UNIX)
+            with contextlib.suppress(OSError):
+                knock.connect(path)
+                knocks += 1
+            knock.close()
+        stopper.join()
+        peer.wait_card(False)
+        types = [f[0] for f in peer.device.received]
+        assert types[-2:] == [6, 4], types  # CardRemove, then ReaderRemove
+    assert bridge.bridge.finished.is_set() and bridge.bridge.failure is None
+    assert "Traceback" not in bridge.text() and "failed" not in bridge.text()
+    bridge.stop()

@@ -41,7 +41,7 @@ def test_bridge_connects_to_qemu_over_tls(qemu_passthru, pki: Pki) -> None:
     ep = tls_endpoint(qemu.endpoint.port, False, pki.creds("ccidbridge", "client"))
     with RunningBridge(served_card(ep), InstantCard()) as b:
         b.wait_synced(10)
-        line = b.wait_log("TLS with")
+        line = b.wait_log("whose certificate names")
         assert "TLSv1.3" in line or "TLSv1.2" in line
     assert "VSC_ATR" in qemu.stdout()  # QEMU's own debug line: it got the ATR over TLS
 

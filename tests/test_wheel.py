@@ -23,8 +23,9 @@ from lab.examples_regen import EXAMPLES, configs, generated
 WHEELHOUSE = ROOT / ".cache" / "wheelhouse"
 #: What ccidbridge/ in the wheel may hold: the bridge, nothing of the lab.
 PACKAGE = {"__init__.py", "__main__.py", "cli.py", "spec.py", "tls.py",
-           "protocol", "runtime", "card", "config", "commands"}
-COMMANDS = ("run", "readers", "check", "libvirt", "qemu-argv")
+           "protocol", "runtime", "card", "config", "commands", "lifecycle"}
+COMMANDS = ("run", "readers", "check", "libvirt", "qemu-argv", "attach", "detach", "doctor",
+            "hook", "install-hook", "install-unit")
 #: Not part of the source tree a wheel is built from.
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", ".cache", "build", "*.egg-info",
                                      "__pycache__", ".*_cache", ".hypothesis", "results")
@@ -76,6 +77,8 @@ def test_wheel_holds_the_bridge_only(wheel: Path) -> None:
     top = {n.split("/")[1] for n in package}
     assert top == PACKAGE, top ^ PACKAGE
     assert "ccidbridge/config/schema.rng" in package
+    assert "ccidbridge/lifecycle/data/ccidbridge@.service.in" in package  # install-unit
+    assert "ccidbridge/lifecycle/data/qemu-hook.in" in package  # install-hook
     source = {str(p.relative_to(ROOT)) for p in (ROOT / "ccidbridge").rglob("*.py")}
     assert {n for n in package if n.endswith(".py")} == source
     for lab_part in ("lab", "twin", "demo", "examples_regen", "vpcd_card", "guest"):
@@ -105,6 +108,10 @@ def test_installed_commands_run_alone(venv: Path, tmp_path: Path) -> None:
         assert (libvirt.returncode, libvirt.stdout) == (0, expected[".xml"]), libvirt.stderr
         argv = _run(exe, "qemu-argv", "--qemu-version", "7.2", config, cwd=tmp_path, env=env)
         assert (argv.returncode, argv.stdout) == (0, expected[".argv"]), argv.stderr
+    units = tmp_path / "units"
+    unit = _run(exe, "install-unit", "--dir", units, cwd=tmp_path, env=env)
+    assert unit.returncode == 0, unit.stderr
+    assert f"ExecStart={venv}/bin/python" in (units / "ccidbridge@.service").read_text()
     bad = tmp_path / "bad.xml"
     bad.write_text("<ccidbridge>\n<smartcard/>\n</ccidbridge>\n")
     refused = _run(exe, "check", bad, cwd=tmp_path, env=env)

@@ -27,7 +27,7 @@ class Inserted:
 
     atr: bytes
     reader: str
-    protocol: int = 0  # the PC/SC protocol in use: 1 = T=0, 2 = T=1, 0 = unknown
+    protocol: int | None = None  # what the host talks to it with: 0 (T=0), 1 (T=1), None
 
 
 @dataclass(frozen=True, slots=True)

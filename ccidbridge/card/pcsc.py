@@ -53,6 +53,8 @@ PROTOCOLS = {
     CardProtocol.T0: scard.SCARD_PROTOCOL_T0,
     CardProtocol.T1: scard.SCARD_PROTOCOL_T1,
 }
+#: The PC/SC protocol in use, as the T number the session's rules speak of.
+T_NUMBER = {scard.SCARD_PROTOCOL_T0: 0, scard.SCARD_PROTOCOL_T1: 1}
 SHARE_MODES = {
     Share.EXCLUSIVE: scard.SCARD_SHARE_EXCLUSIVE,
     Share.SHARED: scard.SCARD_SHARE_SHARED,
@@ -263,7 +265,7 @@ class PcscCard:
             self._want = None
             return
         self._served = True
-        self._out.append(Inserted(atr, self._reader or "", self._proto))
+        self._out.append(Inserted(atr, self._reader or "", T_NUMBER.get(self._proto)))
 
     def _connect_failed(self, reader: str, hr: int) -> None:
         hr &= 0xFFFFFFFF

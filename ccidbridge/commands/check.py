@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
+from ccidbridge.commands.versions import COVERED, add_version_options, target_of
 from ccidbridge.config.serving import notes
 from ccidbridge.spec import ReaderSpec
 
@@ -13,10 +14,12 @@ from ccidbridge.spec import ReaderSpec
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "check", help="validate a config and show what `run` would serve",
-        description="Validate CONFIG (libvirt 9.0's vocabulary and rules) and list which cards "
-        "`ccidbridge run` would serve, and which it would not, with the reason.",
+        description="Validate CONFIG (libvirt's vocabulary and rules) and list which cards "
+        "`ccidbridge run` would serve, and which it would not, with the reason.  "
+        f"Covers {COVERED}.",
     )
     parser.add_argument("config", metavar="CONFIG")
+    add_version_options(parser, "for the notes about the generated output")
     parser.set_defaults(func=run)
 
 
@@ -41,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if config is None:
         return EXIT_CONFIG
+    target = target_of(args)
+    if target is None:
+        return EXIT_CONFIG
     served = config.served_cards()
     unserved = config.unserved()
     print(f"{config.path}: valid")
@@ -53,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {label}: {reason}")
     for note in notes(config):
         print(f"note: {note}")
+    if target.reconnect_broken and any(
+            src.reconnect is not None for card in config.devices.smartcards
+            if card.chardev is not None for src in card.chardev.sources):
+        print(f"note: libvirt {target.libvirt} writes reconnect=<s>, which QEMU "
+              f"{target.qemu} no longer accepts: the domain will not start with <reconnect> "
+              "(use libvirt >= 10.9, or drop <reconnect>)")
+    print(f"output is for {target}" + (" (usb-ccid offers T=1: generated with "
+          "x-t1-support=off, so the guest stays on T=0)" if target.usb_ccid_t1 else ""))
     for refusal in config.refused:
         print(refusal, file=sys.stderr)
     return EXIT_CONFIG if config.refused else 0

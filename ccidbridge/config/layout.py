@@ -7,7 +7,9 @@ Pure: from ``Devices`` to a ``Layout`` that both renderers read.  The rules
 * A smartcard without an address gets ``controller='0' slot='0'``; a missing
   ``<controller type='ccid' index='0'>`` is added (virDomainDefMaybeAddSmartcardController).
 * ccid controllers the config lists are kept in index order; an implicit
-  controller comes after them.  USB ports are handed out in that order, the
+  controller comes after them in libvirt 9.0, in index order among them in
+  newer libvirt (versions.SORTED_CCID_LIBVIRT, docs/libvirt.md#L32).  USB ports
+  are handed out in that order, the
   next free port of the first USB controller for each controller without one
   (virDomainUSBAddressAssign; we assume the domain has no other USB devices).
 * Aliases (qemu_alias.c): ``ccid<index>``, ``smartcard<n>``, ``channel<n>``,
@@ -31,6 +33,7 @@ from ccidbridge.config.model import (
     UsbAddress,
     VirtioSerialAddress,
 )
+from ccidbridge.config.versions import OLDEST_LIBVIRT, SORTED_CCID_LIBVIRT, LibvirtVersion
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,8 @@ def _controller_indexes(controllers: tuple[CcidController, ...]) -> list[tuple[i
     return out
 
 
-def layout(devices: Devices) -> Layout:
-    """Place every device as libvirt would (see the module docstring)."""
+def layout(devices: Devices, libvirt: LibvirtVersion = OLDEST_LIBVIRT) -> Layout:
+    """Place every device as ``libvirt`` would (see the module docstring)."""
     listed = sorted(
         zip(_controller_indexes(devices.controllers), devices.controllers, strict=True),
         key=lambda item: item[0][0],
@@ -153,6 +156,8 @@ def layout(devices: Devices) -> Layout:
         occupied.add(controller)
         cards.append(PlacedCard(card=card, number=number, controller=controller))
 
+    if libvirt >= SORTED_CCID_LIBVIRT:
+        order.sort()
     taken = {u.port for u in explicit_usb.values() if u.bus == 0}
     placed: list[PlacedController] = []
     next_port = 1

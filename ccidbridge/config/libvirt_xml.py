@@ -1,4 +1,4 @@
-"""Render a Layout as libvirt 9.0's normal form (``virsh dumpxml --inactive``).
+"""Render a Layout as libvirt's normal form (``virsh dumpxml --inactive``).
 
 Pure text rendering, formatted exactly as libvirt's formatter prints devices
 inside ``<devices>`` (4 spaces, single-quoted attributes, virBufferEscapeString
@@ -17,14 +17,18 @@ virDomainControllerDefFormat):
 * ``<reader>`` is ccidbridge's own and never printed.
 
 The extra cards (beyond libvirt's one) come out as a ``<qemu:commandline>``
-element that goes into ``<domain>`` itself.
+element that goes into ``<domain>`` itself, and so does a ``<qemu:override>``
+when the QEMU's usb-ccid offers T=1.  The device lines are the same for
+libvirt 9.0, 11.3 and 12.8 (tests/test_libvirt_oracle.py); only the layout's
+USB ports differ (layout.py, docs/libvirt.md#L32).
 """
 
 from __future__ import annotations
 
 from ccidbridge.config.layout import Layout, PlacedCard, PlacedChannel, PlacedController
 from ccidbridge.config.model import Chardev, CharSource
-from ccidbridge.config.qemu_argv import QemuVersion, extra_card_args
+from ccidbridge.config.qemu_argv import extra_card_args, usb_ccid_overrides
+from ccidbridge.config.versions import Versions
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 INDENT = "    "  # where libvirt prints a device inside <devices>
@@ -154,7 +158,7 @@ def device_lines(lay: Layout, portable: bool = False) -> list[str]:
     return lines
 
 
-def commandline_lines(lay: Layout, version: QemuVersion) -> list[str]:
+def commandline_lines(lay: Layout, version: Versions) -> list[str]:
     """``<qemu:commandline>`` for the extra cards, or nothing."""
     if not lay.extra_cards:
         return []
@@ -166,16 +170,45 @@ def commandline_lines(lay: Layout, version: QemuVersion) -> list[str]:
     ]
 
 
-def render(lay: Layout, version: QemuVersion, portable: bool = False) -> str:
+def override_lines(lay: Layout, version: Versions) -> list[str]:
+    """``<qemu:override>`` setting usb-ccid properties libvirt has no element for.
+
+    libvirt (8.2 and later, JSON ``-device``) appends a frontend property to the
+    device's JSON; this is how ``x-t1-support=off`` reaches a QEMU that offers it
+    (qemu_argv.usb_ccid_overrides, docs/libvirt.md#L33).
+    """
+    props = usb_ccid_overrides(version)
+    if not props or not lay.controllers:
+        return []
+    lines = [f"<qemu:override xmlns:qemu='{QEMU_NS}'>"]
+    for ctl in sorted(lay.controllers, key=lambda c: c.index):
+        lines += [f"  <qemu:device alias='{ctl.alias}'>", "    <qemu:frontend>"]
+        lines += [f"      <qemu:property name='{name}' type='bool' "
+                  f"value='{'true' if value else 'false'}'/>" for name, value in props]
+        lines += ["    </qemu:frontend>", "  </qemu:device>"]
+    return lines + ["</qemu:override>"]
+
+
+def domain_lines(lay: Layout, version: Versions) -> list[str]:
+    """What goes into ``<domain>`` itself: the extra cards, then the usb-ccid overrides."""
+    return commandline_lines(lay, version) + override_lines(lay, version)
+
+
+def render(lay: Layout, version: Versions, portable: bool = False) -> str:
     """What ``ccidbridge libvirt [--portable]`` prints."""
     devices = [INDENT + line for line in device_lines(lay, portable)]
-    extra = commandline_lines(lay, version)
+    extra = domain_lines(lay, version)
     if not extra:
         return "\n".join(devices) + "\n"
+    why = []
+    if lay.extra_cards:
+        why.append(f"libvirt takes one <smartcard>; the other {len(lay.extra_cards)} go to "
+                   "QEMU directly")
+    if usb_ccid_overrides(version):
+        why.append("this QEMU's usb-ccid offers T=1: x-t1-support=off keeps the guest on T=0")
     return "\n".join([
         "<!-- paste into the domain's <devices>: -->",
         *devices,
-        f"<!-- paste into <domain> itself: libvirt 9.0 takes one <smartcard>; the other "
-        f"{len(lay.extra_cards)} go to QEMU directly -->",
+        f"<!-- paste into <domain> itself: {'; '.join(why)} -->",
         *("  " + line for line in extra),
     ]) + "\n"

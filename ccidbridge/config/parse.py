@@ -45,6 +45,7 @@ from ccidbridge.config.vocabulary import (
     SPICE_AGENT_NAME,
     Element,
 )
+from ccidbridge.protocol.presentation import RULES as PRESENTATION_RULES
 from ccidbridge.spec import (
     ApduPolicy,
     CardProtocol,
@@ -552,9 +553,11 @@ def _reader(r: _Reader, node: etree._Element) -> ReaderSpec:
         if not (math.isfinite(timeout) and timeout > 0):
             raise r.fail(node, f"<reader timeout='{node.get('timeout')}'> is not valid; "
                          f"allowed: {spec.attr('timeout').what}")
+    keep = frozenset((r.value(node, spec, "keep") or "").split())
+    assert keep <= {*PRESENTATION_RULES, "all"}  # the vocabulary's pattern names them
     return ReaderSpec(
         name=name, match=match, atr=atr, atr_mask=mask, share=share, protocol=protocol,
-        rewrite_atr=rewrite, apdu_timeout=timeout, line=r.line(node),
+        rewrite_atr=rewrite, apdu_timeout=timeout, keep=keep, line=r.line(node),
     )
 
 

@@ -1,4 +1,4 @@
-"""Render a Layout as the QEMU arguments libvirt 9.0 builds for those devices.
+"""Render a Layout as the QEMU arguments libvirt builds for those devices.
 
 Pure.  The rules (docs/libvirt.md#L10 .. #L13; qemu_command.c, checked with
 ``virsh domxml-to-native``):
@@ -12,9 +12,10 @@ Pure.  The rules (docs/libvirt.md#L10 .. #L13; qemu_command.c, checked with
   QEMU >= 6.0 (object.qapified); ``-chardev`` is always key=value;
 * in key=value values commas are doubled; JSON needs no escaping;
 * a listening socket gets ``server=on,wait=off``; ``telnet=on`` comes first;
-  ``reconnect=<s>`` (``reconnect-ms=<ms>`` for QEMU >= 9.2, as newer libvirt
-  emits); TLS adds ``-object tls-creds-x509`` (endpoint client or server,
-  verify-peer true, dir /etc/pki/qemu) and ``tls-creds=``; the log goes last;
+  ``reconnect=<s>``, or ``reconnect-ms=<ms>`` when both QEMU and libvirt know it
+  (ccidbridge.config.versions, docs/libvirt.md#L31); TLS adds ``-object
+  tls-creds-x509`` (endpoint client or server, verify-peer true, dir
+  /etc/pki/qemu) and ``tls-creds=``; the log goes last;
 * the spicevmc sub-channel is ``smartcard`` for a card, ``vdagent`` for a channel;
 * the whole line is shell-quoted as virsh prints it: an argument is wrapped in
   single quotes only when it holds a shell metacharacter.
@@ -26,47 +27,19 @@ they depend on the QEMU version like libvirt's own (see ``extra_card_args``).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from ccidbridge.config.layout import Layout, PlacedCard, PlacedChannel, usb_bus
 from ccidbridge.config.model import DEFAULT_NSS_DB, DEFAULT_TLS_DIR, Chardev
+from ccidbridge.config.versions import NEWEST, T1_PROPERTY, QemuVersion, Target, Versions
 from ccidbridge.config.vocabulary import SPICE_AGENT_NAME
+
+__all__ = ["NEWEST", "QemuVersion", "Target", "argv", "card_args", "extra_card_args", "render",
+           "shell_line", "shell_quote"]
 
 Props = list[tuple[str, object]]
 
 
-@dataclass(frozen=True, order=True)
-class QemuVersion:
-    major: int
-    minor: int
-
-    @classmethod
-    def parse(cls, text: str) -> QemuVersion:
-        """``7.2``, ``7.2.22`` or ``QEMU emulator version 7.2.22 (...)``."""
-        match = re.search(r"(\d+)\.(\d+)", text)
-        if not match:
-            raise ValueError(f"not a QEMU version: {text!r} (expected X.Y, e.g. 7.2)")
-        return cls(int(match.group(1)), int(match.group(2)))
-
-    def __str__(self) -> str:
-        return f"{self.major}.{self.minor}"
-
-    @property
-    def json_device(self) -> bool:
-        return self >= QemuVersion(7, 0)
-
-    @property
-    def json_object(self) -> bool:
-        return self >= QemuVersion(6, 0)
-
-    @property
-    def reconnect_ms(self) -> bool:
-        return self >= QemuVersion(9, 2)
-
-
-NEWEST = QemuVersion(10, 1)  # the default when no qemu-system-x86_64 is installed
 _SHELL_SPECIAL = set("\r\t\n !\"#$&'()*;<>?[\\]^`{|}~")
 
 
@@ -95,7 +68,7 @@ def _json(props: Props) -> str:
     return json.dumps(dict(props), separators=(",", ":"), ensure_ascii=False)
 
 
-def device(driver: str, props: Props, version: QemuVersion) -> list[str]:
+def device(driver: str, props: Props, version: Versions) -> list[str]:
     """``-device`` in the syntax ``version`` gets from libvirt."""
     if version.json_device:
         return ["-device", _json([("driver", driver), *props])]
@@ -121,7 +94,7 @@ def uses_tls(chardev: Chardev) -> bool:
 
 
 def chardev_arg(chardev: Chardev, alias: str, spice_name: str,
-                version: QemuVersion) -> str:
+                version: Versions) -> str:
     """qemuBuildChardevStr: the ``-chardev`` value (always key=value)."""
     kind = chardev.type
     src = chardev.source
@@ -183,7 +156,7 @@ def _card_device(placed: PlacedCard) -> tuple[str, Props]:
     return "ccid-card-passthru", [("chardev", placed.chardev_alias), *tail]
 
 
-def card_args(placed: PlacedCard, version: QemuVersion) -> list[str]:
+def card_args(placed: PlacedCard, version: Versions) -> list[str]:
     """qemuBuildSmartcardCommandLine: [TLS object,] chardev, card device."""
     args: list[str] = []
     chardev = placed.card.chardev
@@ -197,7 +170,7 @@ def card_args(placed: PlacedCard, version: QemuVersion) -> list[str]:
     return args + device(driver, props, version)
 
 
-def extra_card_args(placed: PlacedCard, version: QemuVersion) -> list[str]:
+def extra_card_args(placed: PlacedCard, version: Versions) -> list[str]:
     """An extra card's arguments, for ``<qemu:commandline>`` and the end of the argv.
 
     Same syntax as libvirt's own arguments for that QEMU: QEMU 7.2 creates every
@@ -208,7 +181,7 @@ def extra_card_args(placed: PlacedCard, version: QemuVersion) -> list[str]:
     return card_args(placed, version)
 
 
-def _channel_args(placed: PlacedChannel, version: QemuVersion) -> list[str]:
+def _channel_args(placed: PlacedChannel, version: Versions) -> list[str]:
     a = placed.address
     props: Props = [
         ("bus", f"virtio-serial{a.controller}.{a.bus}"),
@@ -223,19 +196,26 @@ def _channel_args(placed: PlacedChannel, version: QemuVersion) -> list[str]:
     ]
 
 
-def usb_controller_args(version: QemuVersion) -> list[str]:
+def usb_ccid_overrides(version: Versions) -> Props:
+    """usb-ccid properties ccidbridge sets beyond libvirt's own: ``x-t1-support=off`` when
+    the QEMU offers it, so the guest never negotiates T=1 (docs/libvirt.md#L33).  libvirt
+    appends them as ``<qemu:override>`` frontend properties (libvirt_xml.override_lines)."""
+    return [(T1_PROPERTY, False)] if version.usb_ccid_t1 else []
+
+
+def usb_controller_args(version: Versions) -> list[str]:
     """The USB controller (``id=usb``) a bare QEMU needs; libvirt adds its own."""
     return device("qemu-xhci", [("id", "usb")], version)
 
 
-def argv(lay: Layout, version: QemuVersion, add_usb: bool = False) -> list[str]:
+def argv(lay: Layout, version: Versions, add_usb: bool = False) -> list[str]:
     """The device arguments, in libvirt's order."""
     args: list[str] = usb_controller_args(version) if add_usb else []
     for index in lay.virtio_serial:
         args += device("virtio-serial-pci", [("id", f"virtio-serial{index}")], version)
     for ctl in sorted(lay.controllers, key=lambda c: c.index):  # as listed once pasted
         props: Props = [("id", ctl.alias), ("bus", usb_bus(ctl.usb.bus)),
-                        ("port", ctl.usb.port)]
+                        ("port", ctl.usb.port), *usb_ccid_overrides(version)]
         args += device("usb-ccid", props, version)
     if lay.libvirt_card is not None:
         args += card_args(lay.libvirt_card, version)
@@ -246,6 +226,6 @@ def argv(lay: Layout, version: QemuVersion, add_usb: bool = False) -> list[str]:
     return args
 
 
-def render(lay: Layout, version: QemuVersion, add_usb: bool = False) -> str:
+def render(lay: Layout, version: Versions, add_usb: bool = False) -> str:
     """What ``ccidbridge qemu-argv`` prints: one shell-quoted line."""
     return shell_line(argv(lay, version, add_usb)) + "\n"

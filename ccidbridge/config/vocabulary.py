@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from ccidbridge.spec import CardProtocol, Share
 
 YES_NO = ("yes", "no")
+#: <reader keep=...>: presentation rules to leave off (protocol/presentation.py RULES).
+_RULE = "(ext-length|max-length|le|all)"
+KEEP_PATTERN = rf"{_RULE}(\s+{_RULE})*"
 ON_OFF = ("on", "off")
 
 
@@ -149,6 +152,8 @@ ELEMENTS: dict[str, Element] = {k: e for k, e in (
              default=CardProtocol.ANY.value),
         Attr("rewrite-atr", "enum", YES_NO, default="yes"),
         Attr("timeout", "seconds", what="seconds > 0, e.g. timeout='30'"),
+        Attr("keep", "text", pattern=KEEP_PATTERN,
+             what="a space-separated list of ext-length|max-length|le|all, e.g. 'le'"),
     ))),
     ("tls", Element("tls", (
         Attr("dir", "text", pattern=ABSOLUTE, what="an absolute directory"),

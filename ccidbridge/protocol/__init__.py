@@ -9,6 +9,7 @@ Nothing in this package does IO, starts threads or reads a clock.
 - ``qemu``      everything QEMU 7.2's usb-ccid/ccid-card-passthru imposes, in one place
 - ``atr``       ATR parsing, QEMU's ATR check, the T=0 rewrite
 - ``chaining``  serving card responses longer than QEMU's cap with 61xx + GET RESPONSE
+- ``t1``        recognising a T=1 block from a guest that negotiated T=1 (refused)
 - ``events``    the events a session takes and gives
 - ``session``   the bridge side (the "client" in vscard_common.h terms)
 - ``device``    QEMU's side (the "host"), a twin for tests

@@ -8,6 +8,7 @@ any TDi names a protocol other than T=0, and makes the XOR of T0..TCK zero.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 
@@ -79,15 +80,61 @@ def tck(body: bytes | bytearray) -> int:
     return x
 
 
-def announce_t0(atr: bytes) -> bytes:
-    """The same ATR with TD1 naming T=0, for a reader that speaks only T=0.
+#: Card capabilities (compact-TLV 73), third byte: "extended Lc and Le fields".
+EXT_LC_LE = 0x40
 
-    Only TD1's protocol nibble changes; later TDi (still naming T=1, so TCK
-    stays meaningful) and every other byte are kept, and TCK is recomputed.
-    Seen in a real guest (protocol/VSCARD.md#Q10): pcscd then logs "Set PTS
-    failed (606). Using T=0" and APDUs pass unchanged, since QEMU's reader
+
+def _capabilities_index(historical: bytes) -> int | None:
+    """Index in ``historical`` of the card capabilities' third byte, or None.
+
+    Category indicator 00: compact TLV objects, then a 3-byte status
+    indicator; 80: compact TLV objects only (ISO/IEC 7816-4 §8.1.1).  Other
+    categories carry no compact TLV.  Raises AtrError on a broken TLV.
+    """
+    if not historical:
+        return None
+    if historical[0] == 0x00:
+        end = len(historical) - 3
+    elif historical[0] == 0x80:
+        end = len(historical)
+    else:
+        return None
+    pos = 1
+    if end < pos:
+        raise AtrError("historical bytes shorter than their status indicator")
+    while pos < end:
+        tag, length = historical[pos] >> 4, historical[pos] & 0x0F
+        if pos + 1 + length > end:
+            raise AtrError(f"compact-TLV object at byte {pos} runs past the end")
+        if tag == 7 and length == 3:
+            return pos + 3
+        pos += 1 + length
+    return None
+
+
+def clear_ext_length(historical: bytes) -> bytes:
+    """``historical`` with the extended Lc/Le bit cleared (presentation rule P1), or unchanged."""
+    index = _capabilities_index(historical)
+    if index is None or not historical[index] & EXT_LC_LE:
+        return historical
+    out = bytearray(historical)
+    out[index] &= ~EXT_LC_LE & 0xFF
+    return bytes(out)
+
+
+def announce_t0(atr: bytes) -> bytes:
+    """The same ATR as a T=0 short-APDU reader shows the card: TD1 names T=0.
+
+    TD1's protocol nibble changes; later TDi (still naming T=1, so TCK stays
+    meaningful) and every other byte are kept, and TCK is recomputed.  Seen
+    in a real guest (protocol/VSCARD.md#Q10): pcscd then logs "Set PTS failed
+    (606). Using T=0" and APDUs pass unchanged, since QEMU's reader
     exchanges whole APDUs either way.  If no TDi is left naming another
     protocol, TCK is dropped, since it would no longer be allowed.
+    The historical bytes' "extended Lc/Le" capability is cleared too: T=0
+    carries short APDUs only, and OpenSC, which reads the bit from the ATR,
+    otherwise sends extended APDUs the guest's reader cannot frame
+    (protocol/VSCARD.md#P1).  A broken compact TLV is left as it is.
     Returns ``atr`` unchanged when it already offers T=0.
     """
     parsed = parse(atr)
@@ -96,6 +143,9 @@ def announce_t0(atr: bytes) -> bytes:
     out = bytearray(atr)
     td1 = parsed.td_positions[0]
     out[td1] &= 0xF0
+    end = parsed.tck_position if parsed.tck_position is not None else len(atr)
+    with contextlib.suppress(AtrError):
+        out[end - len(parsed.historical) : end] = clear_ext_length(parsed.historical)
     still_other = any(out[i] & 0x0F for i in parsed.td_positions)
     if parsed.tck_position is not None:
         if still_other:

@@ -63,6 +63,13 @@ class ResponseChain:
         return part + (_sw_more(len(self._data)) if self._data else self._sw)
 
 
+def defer(response: bytes) -> tuple[bytes, ResponseChain]:
+    """``61 XX`` now and every data byte on GET RESPONSE, as a T=0 card answers
+    a case-4 command (presentation rule P3).  ``response`` has data and SW."""
+    data, sw = response[:-2], response[-2:]
+    return _sw_more(len(data)), ResponseChain(data, sw)
+
+
 def split(response: bytes) -> tuple[bytes, ResponseChain | None]:
     """What to send for ``response`` now, and the chain to serve the rest.
 

@@ -28,9 +28,14 @@ class ConnectionClosed:
 
 @dataclass(frozen=True, slots=True)
 class CardInserted:
-    """A card is present with this ATR: inserted, reset, or found at start."""
+    """A card is present with this ATR: inserted, reset, or found at start.
+
+    ``protocol``: what the host talks to the card with (0 or 1; None when
+    unknown).  Rule P3 (presentation.py) acts only on T=1 cards.
+    """
 
     atr: bytes
+    protocol: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,25 @@ class ControlRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class PresentationApplied:
+    """Presentation rule ``rule`` changed what the card says (once per card)."""
+
+    rule: str
+    where: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class PresentationSkipped:
+    """The card's answer did not parse as rule ``rule`` expects: passed on
+    unchanged (once per card)."""
+
+    rule: str
+    where: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseChained:
     """A response longer than QEMU's cap is being served as 61xx + GET RESPONSE."""
 
@@ -217,6 +241,8 @@ OutputEvent = (
     | AtrRewritten
     | AtrRefused
     | ControlRefused
+    | PresentationApplied
+    | PresentationSkipped
     | ResponseChained
     | ApduAnsweredLocally
     | ApduRefused

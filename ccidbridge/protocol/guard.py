@@ -46,6 +46,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ccidbridge.protocol.selection import Selection, channel
+from ccidbridge.protocol.tlv import TlvError, read_tlv
 
 INS_VERIFY = frozenset({0x20, 0x21})
 INS_CHANGE = frozenset({0x24, 0x25})
@@ -122,37 +123,19 @@ def pw_status(value: bytes) -> dict[str, int] | None:
 
 
 def _tlvs(data: bytes) -> list[tuple[int, bytes]] | None:
-    """One level of BER-TLV (ISO/IEC 7816-4 §5.2.2), or None if malformed."""
+    """One level of BER-TLV (tlv.py), padding bytes 00/FF skipped; None if malformed."""
     out = []
-    i, n = 0, len(data)
-    while i < n:
-        if data[i] in (0x00, 0xFF):  # padding between objects
-            i += 1
-            continue
-        tag = data[i]
-        i += 1
-        if tag & 0x1F == 0x1F:
-            while True:
-                if i >= n:
-                    return None
-                tag = (tag << 8) | data[i]
-                i += 1
-                if not data[i - 1] & 0x80:
-                    break
-        if i >= n:
-            return None
-        length = data[i]
-        i += 1
-        if length & 0x80:
-            k = length & 0x7F
-            if k == 0 or k > 3 or i + k > n:
-                return None
-            length = int.from_bytes(data[i : i + k], "big")
-            i += k
-        if i + length > n:
-            return None
-        out.append((tag, data[i : i + length]))
-        i += length
+    pos = 0
+    try:
+        while pos < len(data):
+            if data[pos] in (0x00, 0xFF):
+                pos += 1
+                continue
+            tag, start, end = read_tlv(data, pos)
+            out.append((tag, data[start:end]))
+            pos = end
+    except TlvError:
+        return None
     return out
 
 

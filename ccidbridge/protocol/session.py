@@ -46,6 +46,14 @@ R10 A removal must be visible to the guest: no ATR leaves within
     keeps using a card whose state was lost.  The session has no clock: when
     a removal leaves it emits HoldAtr(token, seconds), and the runtime
     answers ReleaseAtr(token) when the time is up.  (protocol/VSCARD.md#Q14)
+R11 A guest payload that is a T=1 block, not an APDU (a guest that negotiated
+    T=1 with a usb-ccid offering it), is refused with VSC_Error and never
+    reaches the card (t1.py).
+
+What the card says about itself is adapted to QEMU's T=0 short-APDU reader
+by the presentation rules P1..P3 (presentation.py), applied at two points:
+each guest APDU on its way to the card, and each card answer on its way to
+the guest (before R7).  The ATR is R8's alone.
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from collections import deque
 from collections.abc import Iterator
 from enum import Enum
 
-from ccidbridge.protocol import chaining, events
+from ccidbridge.protocol import chaining, events, t1
 from ccidbridge.protocol.atr import AtrError, announce_t0
 from ccidbridge.protocol.atr import parse as parse_atr
 from ccidbridge.protocol.decoder import FrameDecoder
@@ -74,6 +82,7 @@ from ccidbridge.protocol.messages import (
     encode,
     frame,
 )
+from ccidbridge.protocol.presentation import Presentation
 from ccidbridge.protocol.qemu import (
     MAX_FRAME_TO_QEMU,
     MAX_READER_NAME,
@@ -107,7 +116,9 @@ class BridgeSession:
         rewrite_atr: bool = True,
         chain_long_responses: bool = True,
         reinsert_pause: float = REINSERT_PAUSE,
+        keep: frozenset[str] = frozenset(),
     ) -> None:
+        """``keep``: presentation rules switched off (presentation.RULES, or "all")."""
         self._reader_name = reader_name.encode("utf-8")[:MAX_READER_NAME]
         self._rewrite_atr = rewrite_atr
         self._chain_long = chain_long_responses
@@ -116,6 +127,7 @@ class BridgeSession:
         self.state = State.DISCONNECTED
         self._atr: bytes | None = None  # the host card's ATR; None = no card
         self._events: deque[events.OutputEvent] = deque()
+        self._presentation = Presentation(keep, self._events.append)
         self._next_seq = 0  # sequence numbers never repeat, across connections
         self._reset_connection()
 
@@ -129,6 +141,7 @@ class BridgeSession:
         self._fenced = False  # a card-state message is in flight (R6)
         self._qemu_atr: bytes | None = None  # the ATR QEMU acked, if any
         self._pending: deque[int] = deque()  # guest requests given to the runtime (R5)
+        self._presentation.forget()  # the requests the presentation rules look at
         self._early: dict[int, bytes] = {}  # answers that arrived out of order
         self._chain: chaining.ResponseChain | None = None
         self._flush_requested = False
@@ -159,8 +172,9 @@ class BridgeSession:
                 self._answer(seq, data)
             case events.ApduFailed(seq, _):
                 self._answer(seq, None)
-            case events.CardInserted(atr):
+            case events.CardInserted(atr, protocol):
                 self._atr = bytes(atr)
+                self._presentation.card(self._atr, protocol)
                 if self._connected:
                     self._announce_card()
             case events.CardRemoved():
@@ -389,6 +403,10 @@ class BridgeSession:
                 else:
                     self._emit_apdu_answer(part)
                 return
+        if (why := t1.refusal(apdu)) is not None:  # R11
+            self._events.append(events.ApduRefused(apdu, why))
+            self._out += _APDU_ERROR
+            return
         if self._qemu_atr is None or self.state is State.CLOSING:
             self._events.append(events.ApduRefused(apdu, "no card is announced to QEMU"))
             self._out += _APDU_ERROR
@@ -396,7 +414,7 @@ class BridgeSession:
         seq = self._next_seq
         self._next_seq = seq + 1
         self._pending.append(seq)
-        self._events.append(events.TransmitApdu(seq, apdu))
+        self._events.append(events.TransmitApdu(seq, self._presentation.command(seq, apdu)))
 
     # -- answers (R5, R7) --------------------------------------------------------
 
@@ -419,7 +437,14 @@ class BridgeSession:
 
     def _write_answer(self, seq: int, data: bytes | None) -> None:
         if data is None or len(data) < 2:  # no status word: not an answer
+            self._presentation.forget(seq)
             self._out += _APDU_ERROR
+            return
+        answer = self._presentation.response(seq, data)
+        data = answer.data
+        if answer.defer:  # P3: as a T=0 card, 61xx first
+            first, self._chain = chaining.defer(data)
+            self._emit_apdu_answer(first)
             return
         if len(data) > MAX_RESPONSE_TO_QEMU:
             if not self._chain_long:
@@ -437,6 +462,7 @@ class BridgeSession:
         self._out += frame(_APDU, MINIMAL_READER_ID, data)
 
     def _fail_pending(self, reason: str) -> None:
+        self._presentation.forget()
         while self._pending:
             seq = self._pending.popleft()
             self._events.append(events.PendingFailed(seq, reason))

@@ -130,6 +130,7 @@ class CardBridge:
         self.session = BridgeSession(
             reader_name=served.reader.name or served.reader.match or "ccidbridge",
             rewrite_atr=served.reader.rewrite_atr,
+            keep=served.reader.keep,
         )
         self._endpoint = served.endpoint
         self._timeout = served.reader.apdu_timeout
@@ -389,7 +390,7 @@ class CardBridge:
             self._gate.forget()  # G7: a reset or another card; nothing is known
             if isinstance(report, Inserted):
                 self.log.info("card in %r, ATR %s", report.reader, hexatr(report.atr))
-                self._tell(ev.CardInserted(report.atr))
+                self._tell(ev.CardInserted(report.atr, report.protocol))
             elif isinstance(report, Removed):
                 self.log.info("card gone: %s", report.reason)
                 self._tell(ev.CardRemoved())
@@ -506,6 +507,11 @@ class CardBridge:
                 self._done = True
             case ev.ControlRefused(message, code):
                 log.error("QEMU refused %s with code %d", message, code)
+            case ev.PresentationApplied(rule, where, detail):
+                log.info("presentation rule %s, %s: %s (keep='%s' switches it off)",
+                         rule, where, detail, rule)
+            case ev.PresentationSkipped(rule, where, reason):
+                log.warning("presentation rule %s left %s unchanged: %s", rule, where, reason)
             case ev.ResponseChained(_, total):
                 log.info("card response of %d bytes served as 61xx + GET RESPONSE", total)
             case ev.ApduAnsweredLocally(apdu, length):
@@ -696,8 +702,9 @@ class CardBridge:
             return
         self._poll.unregister(hs.fd)
         self._handshake = None
-        self.log.info("TLS with %s: %s, peer %s", hs.peer, hs.sock.version(),
-                      ", ".join(tls.certificate_names(hs.sock.getpeercert() or {})))
+        names = dict.fromkeys(tls.certificate_names(hs.sock.getpeercert() or {}))
+        self.log.info("%s with %s, whose certificate names %s", hs.sock.version(), hs.peer,
+                      ", ".join(names) or "nobody")
         self._connection_up(hs.sock, hs.peer)
 
     def _refuse_tls(self, why: str) -> None:

@@ -1,4 +1,5 @@
-"""``python -m lab.guest [CACHE_DIR]``: build (or reuse) the test guest.
+"""``python -m lab.guest [CACHE_DIR]``: build (or reuse) the test guests (the
+minimal one and the middleware one, lab/guest/middleware.py).
 
 Run it *outside* ``.ci/isolated``: the private namespace has no network, and
 the first build downloads the kernel package with apt-get.
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 from lab.guest.build import GuestBuildError, build_guest, default_cache_dir
+from lab.guest.middleware import build_middleware_guest
 
 
 def main(argv: list[str]) -> int:
@@ -19,6 +21,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     try:
         image = build_guest(cache)
+        middleware = build_middleware_guest(cache)
     except GuestBuildError as exc:
         print(f"guest build failed: {exc}", file=sys.stderr)
         return 1
@@ -26,6 +29,8 @@ def main(argv: list[str]) -> int:
     print(f"guest {state} in {time.monotonic() - started:.2f} s: kernel {image.kernel_version}")
     print(f"  vmlinux {image.vmlinux}")
     print(f"  initrd  {image.initrd}")
+    state = "cached" if middleware.cached else f"built in {middleware.build_seconds:.2f} s"
+    print(f"middleware guest {state}: initrd {middleware.initrd}")
     return 0
 
 
