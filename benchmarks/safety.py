@@ -8,12 +8,19 @@ temporary directory, at ``-v`` (no data) and ``-vv``.  Each figure is the median
 of several rounds, minus the cost of the same loop calling two empty functions.
 The card round trip these are added to is about 0.2-0.5 ms on pcscd + vpcd
 (docs/performance.md), so 1 µs is 0.2-0.5 %.
+
+``--end-to-end`` also times whole guest round trips through a real CardBridge
+(the QEMU twin on a Unix socket, an instant card), interleaved in rounds:
+the gate as shipped, the gate replaced by a no-op (the path before it
+existed), and the gate plus ``--trace`` to a file; median µs per APDU.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -92,14 +99,68 @@ def measure(n: int = 200_000, rounds: int = 7) -> dict[str, float]:
     return results
 
 
+class _NoGate:
+    """The path before the gate existed: nothing checked, nothing learned."""
+
+    def check(self, apdu: bytes) -> None:
+        return None
+
+    def answered(self, apdu: bytes, response: bytes) -> None:
+        return None
+
+    def forget(self) -> None:
+        return None
+
+
+def end_to_end(n: int = 2000, rounds: int = 5) -> dict[str, float]:
+    from ccidbridge.runtime.bridge import CardBridge
+    from ccidbridge.spec import ReaderSpec, ServedCard
+    from lab.device_peer import DevicePeer
+    from lab.instant_card import InstantCard
+
+    samples: dict[str, list[float]] = {"bridge, gate as shipped": [], "bridge, no gate": [],
+                                       "bridge, gate + --trace": []}
+    with tempfile.TemporaryDirectory() as d:
+        tf = TraceFile(str(Path(d) / "trace.jsonl"), 1 << 40)
+        for _ in range(rounds):
+            for name in samples:
+                with DevicePeer("unix", path=str(Path(d) / "q.sock")) as peer:
+                    served = ServedCard(label="bench", endpoint=peer.endpoint, reader=ReaderSpec())
+                    tracer = tf.card("bench") if "trace" in name else None
+                    bridge = CardBridge(served, InstantCard(), tracer=tracer)
+                    if name.endswith("no gate"):
+                        bridge._gate = _NoGate()  # type: ignore[assignment]
+                    bridge.start()
+                    try:
+                        peer.wait_card(True)
+                        for _ in range(200):
+                            peer.guest(READ)
+                        t0 = time.perf_counter_ns()
+                        for _ in range(n):
+                            peer.guest(READ)
+                        samples[name].append((time.perf_counter_ns() - t0) / n / 1000)
+                    finally:
+                        bridge.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(d) / "q.sock")
+        tf.close()
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.safety")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--end-to-end", action="store_true")
     args = p.parse_args()
     results = measure(20_000, 3) if args.quick else measure()
     for name, ns in results.items():
         print(f"{name:32s} {ns:8.0f} ns per APDU")
+    if args.end_to_end:
+        e2e = end_to_end(500, 3) if args.quick else end_to_end()
+        for name, us in e2e.items():
+            print(f"{name:32s} {us:8.1f} µs per APDU (median of rounds)")
+        results.update({k: v * 1000 for k, v in e2e.items()})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
