@@ -5,10 +5,11 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 PACKAGES := $(shell sed 's/\#.*//' .ci/debian-packages)
+BENCH_PACKAGES := $(shell sed 's/\#.*//' .ci/bench-packages)
 ISOLATED := .ci/isolated
 READER   ?=
 
-.PHONY: setup deps venv guest roots wheelhouse test typecheck demo bench lint examples clean
+.PHONY: setup deps venv guest roots wheelhouse test typecheck demo bench bench-deps lint examples clean
 
 setup: deps venv roots guest wheelhouse
 
@@ -27,15 +28,19 @@ guest: venv roots
 	$(PY) -m lab.guest
 	$(PY) -m lab.guest.stackguest
 
-# Install the Debian packages that are missing (and only those).
-deps:
-	@missing=$$(for p in $(PACKAGES); do \
+# Install the Debian packages of a list that are missing (and only those).
+define install-missing
+	@missing=$$(for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+endef
+
+deps:
+	$(call install-missing,$(PACKAGES))
 
 # The wheel test (tests/test_wheel.py) builds the wheel and installs it into a
 # fresh venv inside .ci/isolated, which has no network: the build backend and
@@ -72,7 +77,14 @@ else
 	$(PY) -m lab.demo --reader '$(READER)'
 endif
 
-bench: setup
+# What only the benchmarks need, before entering the network-less namespace:
+# the build dependencies of libcacard's vscclient, then vscclient itself,
+# built from Debian 12's source package into .cache/vscclient (cached).
+bench-deps: setup
+	$(call install-missing,$(BENCH_PACKAGES))
+	$(PY) -m benchmarks.vscclient
+
+bench: bench-deps
 	$(ISOLATED) $(PY) -m benchmarks
 
 lint: venv

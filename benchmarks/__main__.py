@@ -1,7 +1,8 @@
 """``python -m benchmarks [ITEM...]``: run the benchmarks (docs/performance.md), print tables, JSON.
 
 Items (all by default, in this order): apdu, overhead, events, recovery,
-memory, scale, codec, config.  Run inside ``.ci/isolated`` (``make bench``): the
+memory, backpressure, scale, codec, config.  Run inside ``.ci/isolated`` (``make
+bench``): the
 items that need pcscd start a private one.  ``--quick`` makes every item
 smaller (a smoke run: numbers are noisier).  JSON goes to
 ``benchmarks/results/latest.json`` unless ``--json`` says otherwise.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import signal
 import sys
 import time
@@ -22,7 +24,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import apdu, codec, config, lifecycle, scale
+from benchmarks import apdu, backpressure, codec, config, lifecycle, scale, vscclient
 from benchmarks.common import machine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -35,16 +37,52 @@ class ItemTimeout(Exception):
     pass
 
 
+def _commit() -> str:
+    """The commit measured, with ``+changes`` if the work tree differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--",
+                "ccidbridge",
+                "benchmarks",
+                "lab",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + ("+changes" if dirty else "")  # fmt: skip
+
+
 def _alarm(signum: int, frame: object) -> None:
     raise ItemTimeout(f"item took longer than {ITEM_BUDGET} s")
 
 
 TARGETS = {
-    "apdu": "bridged/floor <= 1.10 at the median; beat the minimal relay and vscclient (1.5x)",
+    "apdu": "per-round median: bridge <= 1.10x the minimal relay (Unix), <= 1.00x vscclient"
+    " (TCP); wake-ups per APDU no more than the relay's (goals: reported, not asserted)",
     "overhead": "(no target: the bridge's own cost, card time removed)",
     "events": "<= 50 ms added (median and max)",
     "recovery": "<= 1 s after QEMU listens again (max)",
     "memory": "idle RSS <= 40 MB, growth after 100k APDUs <= 1 MB",
+    "backpressure": "a peer that never reads: RSS stays bounded (<= 1 MB over idle), every"
+    " APDU answered once it reads again",
     "scale": "16-card p99 / single-card p99 <= 1.5",
     "codec": "(no target: msg/s against a plain struct codec)",
     "config": "linear: load time per KiB at 1 MiB <= 2x that at 16 KiB",
@@ -63,26 +101,53 @@ def _dist_head() -> str:
     return f"  {'':<28}{'median µs':>12}{'p99 µs':>12}{'n':>8}"
 
 
+#: The goals of item 1 (docs/performance.md#B1; reported against, not asserted): numerator,
+#: denominator, socket, the most the per-round median ratio may be.
+APDU_GOALS = (("bridge", "relay", "unix", 1.10), ("bridge", "vscclient", "tcp", 1.00))
+APDU_ROWS = ("bridge", "relay", "session relay", "vscclient", "direct", "socket floor", "floor")
+
+
+def _spread(q: dict) -> str:
+    return f"{q['median']:.2f} [{q['min']:.2f}-{q['max']:.2f}, IQR {q['q1']:.2f}-{q['q3']:.2f}]"
+
+
+def apdu_goals(res: dict, sock: str) -> list[tuple[str, bool]]:
+    """(what, met) for each APDU goal (docs/performance.md#B1) that applies to one configuration."""
+    out = []
+    for a, b, on, most in APDU_GOALS:
+        q = res["ratios"].get(f"{a}/{b}")
+        if on == sock and q is not None:
+            out.append((f"{a}/{b} <= {most:.2f}", q["median"] <= most))
+    w = res["per_apdu"]
+    out.append(("wake-ups <= relay's", w["bridge"]["wakeups"] <= w["relay"]["wakeups"]))
+    return out
+
+
 def report_apdu(r: dict) -> tuple[list[str], bool]:
     lines, ok = [], True
     for label, res in r.items():
         mode, card, sock = label.split()
         lines.append(f" {sock} socket, card {card}, scheduling {mode}")
-        lines.append(_dist_head())
-        names = ("bridged", "direct", "socket floor", "floor", "relay", "session relay")
-        for name in (*names, "bridged, card on loop", "bridged in-process"):
-            lines.append(_dist_row(name, res["stats"][name]))
-        q = res["ratios"]
-        met = q["bridged/floor median"] <= 1.10
-        ok &= met
+        lines.append(_dist_head() + f"{'wake-ups/APDU':>16}{'CPU µs':>8}{'pcscd':>7}")
+        w, pw = res["per_apdu"], res["pcscd_per_apdu"]
+        for name in APDU_ROWS:
+            if name not in res["stats"]:
+                continue
+            row = _dist_row(name, res["stats"][name])
+            if name in w:
+                v = w[name]
+                row += f"{v['voluntary']:>8.2f} +{v['involuntary']:>5.2f}{v['cpu_us']:>9.1f}"
+            elif name in pw:
+                row += " " * 24
+            if name in pw:
+                row += f"{pw[name]['wakeups']:>7.2f}"
+            lines.append(row)
+        for pair, q in res["ratios"].items():
+            lines.append(f"  {pair:<26}{_spread(q)}  (pooled {q['pooled']:.2f})")
+        goals = apdu_goals(res, sock)
+        ok &= all(met for _, met in goals)
         lines.append(
-            f"  bridged/direct {q['bridged/direct median']:.2f} (p99 {q['bridged/direct p99']:.2f})"
-            f"   bridged/floor {q['bridged/floor median']:.2f} (p99 {q['bridged/floor p99']:.2f})"
-            f" {'MET' if met else 'MISSED'}"
-            f"   relay/floor {q['relay/floor median']:.2f} (p99 {q['relay/floor p99']:.2f})"
-            f"   session relay/floor {q['session relay/floor median']:.2f}"
-            f"   in-process/floor {q['in-process/floor median']:.2f}"
-            f"   card on loop/floor {q['card on loop/floor median']:.2f}"
+            "  goals: " + ", ".join(f"{what} {'MET' if met else 'MISSED'}" for what, met in goals)
         )
     return lines, ok
 
@@ -154,6 +219,21 @@ def report_memory(r: dict) -> tuple[list[str], bool]:
     ], ok
 
 
+def report_backpressure(r: dict) -> tuple[list[str], bool]:
+    s1, s2 = r["stall"], r["second_stall"]
+    ok = r["growth_stalled_mib"] <= 1 and r["growth_after_mib"] <= 1
+    return [
+        f"  idle {r['idle_mib']:.1f} MiB; stalled after {s1['apdus_sent']:,} APDUs unread: "
+        f"{s1['stalled_mib']:.1f} MiB, {s1['held_mib']:.1f} MiB {backpressure.HOLD:g} s later "
+        f"({s1['hold_wakeups_per_s']:.1f} wake-ups/s, {s1['hold_cpu_ms_per_s']:.2f} ms CPU/s)",
+        f"  peer reads again: {r['answers_read']:,} answers (all 90 00) in {r['drain_s']:.1f} s,"
+        f" {r['after_read_mib']:.1f} MiB; after 1000 more {r['after_1000_more_mib']:.1f} MiB",
+        f"  second stall ({s2['apdus_sent']:,} unread, {s2['held_mib']:.1f} MiB), peer gone, "
+        f"reconnected, 1000 more: {r['after_peer_gone_mib']:.1f} MiB   "
+        f"{'MET' if ok else 'MISSED'}",
+    ], ok
+
+
 def report_scale(r: dict) -> tuple[list[str], bool]:
     lines, ok = [], True
     for kind, res in r.items():
@@ -201,6 +281,7 @@ ITEMS: dict[str, tuple[Callable[[bool], dict], Callable[[dict], tuple[list[str],
         report_recovery,
     ),
     "memory": (lambda q: lifecycle.run_memory(20_000 if q else 100_000), report_memory),
+    "backpressure": (lambda q: backpressure.run_backpressure(), report_backpressure),
     "scale": (
         lambda q: scale.run_scale(*((2, 400, 640) if q else (6, 1000, 1600))),
         report_scale,
@@ -227,11 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, object] = {
         "started": started.isoformat(timespec="seconds"),
         "machine": machine(),
+        "vscclient": vscclient.info(),
+        "commit": _commit(),
         "quick": args.quick,
         "targets": {k: TARGETS[k] for k in items},
         "results": {},
         "met": {},
         "seconds": {},
+        "load": {},
     }
     m = out["machine"]
     print(
@@ -257,12 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             signal.alarm(0)
         out["seconds"][name] = round(time.monotonic() - t0, 1)
+        out["load"][name] = os.getloadavg()  # the machine is shared: how busy it was
         out["results"][name] = res
         lines, ok = report(res)
         out["met"][name] = ok
         print("\n".join(lines), flush=True)
         print(f"  ({out['seconds'][name]} s)", flush=True)
-    out["machine"]["loadavg_end"] = __import__("os").getloadavg()
+    out["machine"]["loadavg_end"] = os.getloadavg()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(f"\nJSON: {args.json}")

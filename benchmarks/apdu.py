@@ -1,38 +1,35 @@
 """Items 1 and 2: what one APDU costs through the bridge.
 
 **Item 1, ``apdu``** — the round trip a guest feels, on the real stack:
-timing peer (QEMU's end, a real socket) -> bridge process -> pcscd -> vpcd
--> card process -> back.  Measured in the same run, interleaved in blocks:
+timing peer (QEMU's end, a real socket) -> the process under test -> pcscd
+-> vpcd -> card process -> back.  Side by side in the same run, every
+variant serving its own identical card (same program, same pcscd, same vpcd,
+neighbouring slots; each holds its card exclusively, as the bridge does by
+default):
 
-* ``bridged``: the bridge (``ccidbridge`` with its PC/SC card side, exclusive
-  share, its default) serving card A;
-* ``direct``: a plain ``SCardTransmit`` of the same APDU from this process to
-  card B, an identical card (same program, same pcscd, same vpcd) in the
-  neighbouring slot — the bridge holds card A exclusively, as it does by
-  default, so the direct client cannot use that very card;
-* ``socket floor``: the same peer against the least any bridge can be, a
-  card-less responder that answers every APDU frame at once
-  (:func:`benchmarks.servers.run_floor`);
-* ``floor`` = ``direct`` + ``socket floor``, summed sample by sample (same
-  round, same position), so it is a distribution too: what a bridge with
-  zero cost of its own would measure;
-* ``relay`` (calibration): the minimal blocking relay — read a frame,
-  SCardTransmit, write the answer — serving card C;
-* ``session relay`` (design probe): ccidbridge's BridgeSession driven by one
-  blocking thread that calls SCardTransmit itself, serving card D: what a
-  per-card APDU thread without event-loop and thread hand-offs would cost;
-* ``bridged, card on loop`` (design probe): the bridge process with a card
-  side that calls SCardTransmit on the event loop's own thread
-  (:class:`benchmarks.servers.InlinePcscCard`, card F): the product's
-  asyncio path with no thread hand-off, to split the gap between bridged and
-  session relay into event loop and hand-off;
-* ``bridged in-process``: the same CardBridge and PC/SC card side on a
-  thread of this (the benchmark's) process, serving card E — cheaper to set
-  up, but it shares the GIL with the timing peer; the product runs as its own
-  process, so ``bridged`` is the figure that counts.
+* ``bridge``: ccidbridge as ``ccidbridge run`` runs it (its Service, the
+  real PC/SC card side), in a process of its own;
+* ``relay``: a minimal blocking relay — read a frame, SCardTransmit, write
+  the answer; no protocol (:func:`benchmarks.servers.run_relay`);
+* ``session relay`` (design probe): ccidbridge's BridgeSession driven by a
+  blocking ``recv`` loop that calls SCardTransmit itself: the product's
+  APDU thread without its ``poll``, watchdog hand-off, timers and card events;
+* ``vscclient`` (TCP only: it speaks nothing else): libcacard 2.8.0's
+  ``vscclient -e passthru``, the C program ccidbridge replaces, built by
+  ``make bench-deps`` (:mod:`benchmarks.vscclient`);
+* ``direct``: a plain ``SCardTransmit`` from this process, no socket;
+* ``socket floor``: a card-less responder answering every frame at once;
+  ``floor`` = ``direct`` + ``socket floor``, summed sample by sample: what a
+  bridge that costs nothing would measure.
 
-Ratios: bridged/direct, bridged/floor (target <= 1.10 at the median),
-relay/floor (the calibration the bridge must beat) and session relay/floor.
+Rounds: every variant runs one block per round, the order rotated every
+round.  Reported per variant: the median and p99 of all samples; per pair
+(bridge/relay, bridge/vscclient, ...) the ratio of the two block medians of
+each round, whose median and spread (min, max, quartiles) are the figures to
+judge by, since both blocks of a round saw the same machine.  Wake-ups: the
+serving process's voluntary + involuntary context switches (all its threads,
+from ``/proc/PID/task/*/status``) and its CPU time (``schedstat``), read
+before and after every block, divided by the APDUs; pcscd's the same way.
 
 **Item 2, ``overhead``** — the same socket path with card time removed: the
 bridge with an :class:`~lab.instant_card.InstantCard` behind the
@@ -43,20 +40,24 @@ the microseconds the bridge adds (median minus median).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
-import threading
-from collections.abc import Callable, Iterator
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from smartcard import scard
 
+from benchmarks import vscclient as vscclient_build
 from benchmarks.common import (
     GET_CHALLENGE,
+    ZERO,
     Child,
+    Counters,
     Peer,
     apdu_frame,
     children,
+    counters,
     pinned,
     quantile,
     spawn,
@@ -66,29 +67,99 @@ from benchmarks.common import (
 
 SOCKETS = ("unix", "tcp")
 CARDS = ("vpcd", "vicc")
+#: One card each; vscclient's must be in the first reader pcscd lists (see
+#: :func:`_roles`).
+ROLES = ("vscclient", "bridge", "relay", "session relay", "direct")
+#: (numerator, denominator) pairs reported as per-round ratios, when both ran.
+PAIRS = (
+    ("bridge", "relay"),
+    ("bridge", "vscclient"),
+    ("relay", "vscclient"),
+    ("bridge", "session relay"),
+    ("session relay", "relay"),
+    ("bridge", "direct"),
+    ("relay", "direct"),
+    ("bridge", "floor"),
+    ("relay", "floor"),
+)
+
+
+@dataclass
+class Rounds:
+    """Samples (ns) per variant per round, and what each serving process and
+    pcscd spent during that variant's blocks."""
+
+    samples: dict[str, list[list[int]]]
+    cost: dict[str, Counters] = field(default_factory=dict)
+    pcscd: dict[str, Counters] = field(default_factory=dict)
+
+    def flat(self, name: str) -> list[int]:
+        return [x for block in self.samples[name] for x in block]
+
+
+def interleave_rounds(
+    variants: dict[str, Callable[[], int]],
+    rounds: int,
+    block: int,
+    warmup: int = 200,
+    pids: dict[str, int] | None = None,
+    pcscd: int | None = None,
+) -> Rounds:
+    """Run each variant ``block`` times per round, rotating the order every round.
+
+    ``pids`` names the process serving a variant: its counters are read
+    around each of its blocks (outside the timed calls).
+    """
+    pids = pids or {}
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    out = Rounds({name: [] for name in names})
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            fn = variants[name]
+            pid = pids.get(name)
+            before = counters(pid) if pid else ZERO
+            pcscd_before = counters(pcscd) if pcscd else ZERO
+            got = [fn() for _ in range(block)]
+            if pcscd:
+                out.pcscd[name] = out.pcscd.get(name, ZERO) + (counters(pcscd) - pcscd_before)
+            if pid:
+                out.cost[name] = out.cost.get(name, ZERO) + (counters(pid) - before)
+            out.samples[name].append(got)
+    return out
 
 
 def interleave(
     variants: dict[str, Callable[[], int]], rounds: int, block: int, warmup: int = 200
 ) -> dict[str, list[int]]:
-    """Run each variant ``block`` times per round, rotating the order every round.
+    """:func:`interleave_rounds`, every variant's samples in one list."""
+    got = interleave_rounds(variants, rounds, block, warmup)
+    return {name: got.flat(name) for name in variants}
 
-    Samples from the same round and position line up across variants (used to
-    sum ``direct`` + ``socket floor`` into ``floor``).
-    """
-    names = list(variants)
-    for name in names:
-        for _ in range(warmup):
-            variants[name]()
-    out: dict[str, list[int]] = {name: [] for name in names}
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            fn = variants[name]
-            samples = out[name]
-            for _ in range(block):
-                samples.append(fn())
-    return out
+
+def per_round_ratio(a: list[list[int]], b: list[list[int]]) -> dict[str, float]:
+    """The ratio of ``a``'s and ``b``'s block medians in each round: median and spread."""
+    r = sorted(quantile(x, 0.5) / quantile(y, 0.5) for x, y in zip(a, b, strict=True))
+    return {
+        "median": statistics.median(r),
+        "min": r[0],
+        "max": r[-1],
+        "q1": quantile(r, 0.25),
+        "q3": quantile(r, 0.75),
+        "rounds": len(r),
+    }
+
+
+def per_apdu(c: Counters, apdus: int) -> dict[str, float]:
+    return {
+        "voluntary": c.voluntary / apdus,
+        "involuntary": c.involuntary / apdus,
+        "wakeups": (c.voluntary + c.involuntary) / apdus,
+        "cpu_us": c.cpu_ns / apdus / 1000,
+    }
 
 
 def _check_9000(peer: Peer, what: str) -> None:
@@ -127,40 +198,25 @@ def _direct(reader: str) -> tuple[Callable[[], int], Callable[[], None]]:
     return once, close
 
 
-def _serve(kids: list[Child], peer: Peer, mode: str, *extra: str, handshake: bool) -> None:
-    kids.append(spawn(mode, ["-m", "benchmarks.servers", mode, "--endpoint", peer.arg, *extra]))
+def _serve(kids: list[Child], peer: Peer, mode: str, *extra: str, handshake: bool) -> Child:
+    kid = spawn(mode, ["-m", "benchmarks.servers", mode, "--endpoint", peer.arg, *extra])
+    kids.append(kid)
     peer.accept()
     if handshake:
         peer.handshake()
+    return kid
 
 
-@contextlib.contextmanager
-def _in_process_bridge(peer: Peer, reader: str) -> Iterator[None]:
-    """A CardBridge with the real PC/SC card side on a thread of this process."""
-    from ccidbridge.card.pcsc import PcscCard
-    from ccidbridge.runtime.bridge import CardBridge
-    from ccidbridge.spec import ReaderSpec, ServedCard
-
-    served = ServedCard("inproc", peer.endpoint, ReaderSpec(name=reader))
-    loop = asyncio.new_event_loop()
-    bridge = CardBridge(served, PcscCard(served.reader), logging.getLogger("bench.inproc"))
-    task = loop.create_task(bridge.run())
-
-    def main() -> None:
-        asyncio.set_event_loop(loop)
-        with contextlib.suppress(BaseException):
-            loop.run_until_complete(task)
-
-    thread = threading.Thread(target=main, name="inproc-bridge", daemon=True)
-    thread.start()
-    try:
-        peer.accept()
-        peer.handshake()
-        yield
-    finally:
-        loop.call_soon_threadsafe(task.cancel)
-        thread.join(5)
-        loop.close()
+def _vscclient(kids: list[Child], peer: Peer, binary: Path) -> Child:
+    """``vscclient -e passthru 127.0.0.1 PORT``: it adds every PC/SC reader it
+    sees and connects (shared) to every card not held already; the cards of
+    the other variants are, so it serves the card of the first reader."""
+    kid = spawn("vscclient", ["-e", "passthru", "127.0.0.1", str(peer.port)], program=str(binary))
+    kids.append(kid)
+    peer.accept()
+    peer.handshake()
+    peer.settle()
+    return kid
 
 
 def _timed(peer: Peer, frame: bytes) -> Callable[[], int]:
@@ -168,66 +224,86 @@ def _timed(peer: Peer, frame: bytes) -> Callable[[], int]:
     return lambda: rt(frame)
 
 
-def with_floor(direct: list[int], socket_floor: list[int]) -> list[int]:
-    return [a + b for a, b in zip(direct, socket_floor, strict=False)]
-
-
-def measure_apdu(cards: dict[str, str], sock: str, rounds: int, block: int) -> dict[str, object]:
+def measure_apdu(
+    cards: dict[str, str],
+    sock: str,
+    rounds: int,
+    block: int,
+    vscclient: Path | None,
+    pcscd: int | None,
+) -> dict[str, object]:
     """Item 1 for one card kind and socket type; ``cards`` maps role -> reader."""
     frame = apdu_frame(GET_CHALLENGE)
     with workdir() as tmp, children() as kids, contextlib.ExitStack() as closers:
-        names = ("bridged", "socket floor", "relay", "session relay", "bridged, card on loop")
+        names = ["bridge", "relay", "session relay", "socket floor"]
+        if sock == "tcp" and vscclient is not None:
+            names.append("vscclient")
         peers = {name: Peer(sock, tmp, name.replace(" ", "-")) for name in names}
         for p in peers.values():
             closers.callback(p.close)
-        _serve(kids, peers["bridged"], "bridge", "--reader", cards["bridge"], handshake=True)
-        _serve(kids, peers["socket floor"], "floor", handshake=False)
-        _serve(kids, peers["relay"], "relay", "--reader", cards["relay"], handshake=False)
-        _serve(
-            kids,
-            peers["session relay"],
-            "session-relay",
-            "--reader",
-            cards["session relay"],
-            handshake=True,
-        )
-        _serve(
-            kids,
-            peers["bridged, card on loop"],
-            "bridge",
-            "--reader",
-            f"inline:{cards['card on loop']}",
-            handshake=True,
-        )
-        inproc = Peer(sock, tmp, "inproc")
-        closers.callback(inproc.close)
-        closers.enter_context(_in_process_bridge(inproc, cards["in-process"]))
+        pids = {
+            "bridge": _serve(kids, peers["bridge"], "bridge", "--reader", cards["bridge"],
+                             handshake=True).pid,
+            "relay": _serve(kids, peers["relay"], "relay", "--reader", cards["relay"],
+                            handshake=False).pid,
+            "session relay": _serve(kids, peers["session relay"], "session-relay",
+                                    "--reader", cards["session relay"], handshake=True).pid,
+            "socket floor": _serve(kids, peers["socket floor"], "floor", handshake=False).pid,
+        }  # fmt: skip
         direct, close_direct = _direct(cards["direct"])
         closers.callback(close_direct)
+        if "vscclient" in peers:  # last: every other card is held by now
+            assert vscclient is not None
+            pids["vscclient"] = _vscclient(kids, peers["vscclient"], vscclient).pid
         variants = {name: _timed(p, frame) for name, p in peers.items()}
         variants["direct"] = direct
-        variants["bridged in-process"] = _timed(inproc, frame)
-        raw = interleave(variants, rounds, block)
-        for name, p in (*peers.items(), ("bridged in-process", inproc)):
+        got = interleave_rounds(variants, rounds, block, pids=pids, pcscd=pcscd)
+        for name, p in peers.items():
             _check_9000(p, name)
-    raw["floor"] = with_floor(raw["direct"], raw["socket floor"])
-    stats = {name: summary(v) for name, v in raw.items()}
-    b, f, d, r = stats["bridged"], stats["floor"], stats["direct"], stats["relay"]
-    sr = stats["session relay"]
+    got.samples["floor"] = [
+        [a + b for a, b in zip(d, f, strict=True)]
+        for d, f in zip(got.samples["direct"], got.samples["socket floor"], strict=True)
+    ]
+    stats = {name: summary(got.flat(name)) for name in got.samples}
     ratios = {
-        "bridged/direct median": b["median_us"] / d["median_us"],
-        "bridged/direct p99": b["p99_us"] / d["p99_us"],
-        "bridged/floor median": b["median_us"] / f["median_us"],
-        "bridged/floor p99": b["p99_us"] / f["p99_us"],
-        "relay/floor median": r["median_us"] / f["median_us"],
-        "relay/floor p99": r["p99_us"] / f["p99_us"],
-        "bridged/relay median": b["median_us"] / r["median_us"],
-        "session relay/floor median": sr["median_us"] / f["median_us"],
-        "session relay/floor p99": sr["p99_us"] / f["p99_us"],
-        "in-process/floor median": stats["bridged in-process"]["median_us"] / f["median_us"],
-        "card on loop/floor median": stats["bridged, card on loop"]["median_us"] / f["median_us"],
+        f"{a}/{b}": per_round_ratio(got.samples[a], got.samples[b])
+        | {"pooled": stats[a]["median_us"] / stats[b]["median_us"]}
+        for a, b in PAIRS
+        if a in got.samples and b in got.samples
     }
-    return {"stats": stats, "ratios": ratios}
+    apdus = rounds * block
+    return {
+        "rounds": rounds,
+        "block": block,
+        "stats": stats,
+        "ratios": ratios,
+        "round_medians_us": {
+            name: [quantile(b, 0.5) / 1000 for b in blocks] for name, blocks in got.samples.items()
+        },
+        "per_apdu": {name: per_apdu(c, apdus) for name, c in got.cost.items()},
+        "pcscd_per_apdu": {name: per_apdu(c, apdus) for name, c in got.pcscd.items()},
+        "readers": cards,
+    }
+
+
+def _roles(readers: list[str]) -> dict[str, str]:
+    """Role -> reader: vscclient's card in the reader pcscd lists first.
+
+    vscclient adds every reader to QEMU's end in pcscd's order, and QEMU 7.2
+    acks each ReaderAdd with reader id 0, so QEMU's APDUs (reader id 0) go
+    to the first reader vscclient added.
+    """
+    hr, ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
+    assert hr == 0, hex(hr)
+    try:
+        hr, listed = scard.SCardListReaders(ctx, [])
+        assert hr == 0, hex(hr)
+    finally:
+        scard.SCardReleaseContext(ctx)
+    if listed[0] not in readers:
+        raise RuntimeError(f"the first reader pcscd lists, {listed[0]!r}, has no card of ours")
+    rest = [r for r in readers if r != listed[0]]
+    return dict(zip(ROLES, [listed[0], *rest], strict=True))
 
 
 def insert_cards(stack, kind: str, n: int) -> tuple[list[str], list[object]]:
@@ -258,7 +334,10 @@ def close_cards(handles: list[object]) -> None:
 
 
 def run_apdu(
-    rounds: int = 10, block: int = 300, modes: tuple[int | None, ...] = (0, None)
+    rounds: int = 10,
+    block: int = 300,
+    modes: tuple[int | None, ...] = (0, None),
+    cards: tuple[str, ...] = CARDS,
 ) -> dict[str, object]:
     """Item 1 for each scheduling mode (pinned to CPU 0, free), card kind and socket type.
 
@@ -267,17 +346,21 @@ def run_apdu(
     """
     from lab.pcsc import PcscStack
 
+    binary = vscclient_build.BINARY
+    if not binary.exists():
+        raise RuntimeError(f"{binary} is missing: `make bench-deps` builds it")
     results: dict[str, object] = {}
     for cpu in modes:
         r, b = (rounds, block) if cpu is not None else (rounds * 3, max(1, block // 3))
         with pinned(cpu) as mode, PcscStack(3, debug=False) as stack:
-            for kind in CARDS:
-                roles = ("bridge", "direct", "relay", "session relay", "in-process", "card on loop")
-                readers, handles = insert_cards(stack, kind, len(roles))
+            for kind in cards:
+                readers, handles = insert_cards(stack, kind, len(ROLES))
                 try:
-                    cards = dict(zip(roles, readers, strict=True))
+                    roles = _roles(readers)
                     for sock in SOCKETS:
-                        results[f"{mode} {kind} {sock}"] = measure_apdu(cards, sock, r, b)
+                        results[f"{mode} {kind} {sock}"] = measure_apdu(
+                            roles, sock, r, b, binary, stack.pid
+                        )
                 finally:
                     close_cards(handles)
     return results

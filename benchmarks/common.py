@@ -115,20 +115,71 @@ class Child:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
+        if proc.stdin is not None:
+            proc.stdin.close()
         if self._reader is not None:
             self._reader.join(2)
 
 
-def spawn(name: str, args: list[str], capture: bool = False) -> Child:
-    """``python -m benchmarks.servers ARGS`` (or any module) as a child process.
+@dataclass(frozen=True)
+class Counters:
+    """What a process has cost so far: context switches (all its threads) and CPU time."""
+
+    voluntary: int
+    involuntary: int
+    cpu_ns: int
+
+    def __sub__(self, other: Counters) -> Counters:
+        return Counters(
+            self.voluntary - other.voluntary,
+            self.involuntary - other.involuntary,
+            self.cpu_ns - other.cpu_ns,
+        )
+
+    def __add__(self, other: Counters) -> Counters:
+        return Counters(
+            self.voluntary + other.voluntary,
+            self.involuntary + other.involuntary,
+            self.cpu_ns + other.cpu_ns,
+        )
+
+
+ZERO = Counters(0, 0, 0)
+
+
+def counters(pid: int) -> Counters:
+    """Context switches and CPU time (``schedstat``'s run time, in ns) summed
+    over every thread of ``pid``: ``/proc/PID/status`` counts one thread only.
+
+    A wake-up is a voluntary switch (the thread blocked and was woken) or an
+    involuntary one (it was preempted); both cost a trip through the scheduler.
+    """
+    vol = invol = cpu = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    invol += int(line.split()[1])
+            cpu += int((task / "schedstat").read_text().split()[0])
+    return Counters(vol, invol, cpu)
+
+
+def spawn(
+    name: str, args: list[str], capture: bool = False, program: str = sys.executable
+) -> Child:
+    """``python -m benchmarks.servers ARGS`` (or any module, or ``program``) as a child.
 
     With ``capture`` its stderr lines are collected with their arrival time
-    (``time.perf_counter()``, the clock every measurement here uses).
+    (``time.perf_counter()``, the clock every measurement here uses).  Its
+    stdin is a pipe nobody writes to (vscclient watches stdin for commands;
+    /dev/null would be readable, at EOF, all the time).
     """
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, *args],
-        stdin=subprocess.DEVNULL,
+        [program, *args],
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE if capture else subprocess.DEVNULL,
         env=env,
@@ -257,7 +308,30 @@ class Peer:
             buf += more
         t1 = time.perf_counter_ns()
         self._last = buf
+        if buf[3] != APDU_TYPE:  # VSC_Error or a stray control frame: not an answer
+            raise RuntimeError(f"peer: answer frame of type {buf[3]}: {buf.hex()}")
         return t1 - t0
+
+    def settle(self, quiet: float = 0.3, timeout: float = 10.0) -> None:
+        """Keep playing QEMU until the other end has been silent for ``quiet``
+        seconds (vscclient adds every PC/SC reader it sees, one by one, after
+        the first ATR: those frames must not be taken for answers)."""
+        assert self.sock is not None
+        deadline = time.monotonic() + timeout
+        dev = self.device
+        while time.monotonic() < deadline:
+            self.sock.settimeout(quiet)
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                raise ConnectionError("peer: the other end closed the connection")
+            dev.receive_data(data)
+            out = dev.data_to_send()
+            if out:
+                self.sock.sendall(out)
+        self.sock.settimeout(None)
 
     def last_answer(self) -> bytes:
         return self._last[12:]
@@ -271,6 +345,31 @@ class Peer:
         if self.path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+
+@contextlib.contextmanager
+def one_card_bridge() -> Iterator[tuple[Peer, Child]]:
+    """A bridge process serving one vpcd test card over a Unix socket, and its
+    peer, through the handshake: what the memory items measure."""
+    from lab.pcsc import PcscStack
+
+    with PcscStack(1, debug=False) as stack, workdir() as tmp, children() as kids:
+        card = stack.insert_card(process=True)
+        peer = Peer("unix", tmp)
+        try:
+            bridge = spawn(
+                "bridge",
+                ["-m", "benchmarks.servers", "bridge", "--endpoint", peer.arg,
+                 "--reader", card.reader],
+            )  # fmt: skip
+            kids.append(bridge)
+            peer.accept()
+            peer.handshake()
+            yield peer, bridge
+        finally:
+            peer.close()
+            with contextlib.suppress(Exception):
+                card.close()
 
 
 @contextlib.contextmanager

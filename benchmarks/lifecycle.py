@@ -15,7 +15,7 @@ listening as with libvirt's ``mode='bind'``) is SIGKILLed and, after a pause
 that varies per cycle (:data:`DOWN_TIMES`, so every phase of the bridge's
 reconnect backoff is hit), started again on the same socket.  Measured from
 the first moment the new QEMU listens (polled every 0.5 ms from this
-process) to the bridge's ``AtrAccepted`` debug log line arriving here (QEMU
+process) to the bridge's debug line for ``AtrAccepted`` arriving here (QEMU
 acked the ATR; the line travels through a pipe, so this errs on the late
 side).  Since session rule R10 the figure includes a deliberate pause
 (``qemu.REINSERT_PAUSE``, 0.5 s): after a resync the card is announced only
@@ -29,7 +29,6 @@ Growth is 100k minus idle; 100k minus 10k shows whether it keeps growing.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 
@@ -40,6 +39,7 @@ from benchmarks.common import (
     Peer,
     apdu_frame,
     children,
+    one_card_bridge,
     spawn,
     summary,
     workdir,
@@ -162,6 +162,10 @@ def run_events(cycles: int = 10) -> dict[str, object]:
     }
 
 
+#: The bridge's debug log line for the session's AtrAccepted (QEMU acked the ATR).
+ATR_ACKED = "QEMU accepted the ATR"
+
+
 def _listening(kind: str, where: str | int) -> bool:
     from lab.qemu import tcp_listening, unix_listening
 
@@ -210,7 +214,7 @@ def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict
                 capture=True,
             )
             kids.append(bridge)
-            bridge.wait_line("AtrAccepted", timeout=15)
+            bridge.wait_line(ATR_ACKED, timeout=15)
             for down in down_times:
                 qemu.kill()
                 t_kill = time.perf_counter()
@@ -231,7 +235,7 @@ def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict
                 qemu = QemuPassthru(kind, endpoints=[ep], workdir=tmp).start()
                 poller.join(10)
                 stop.set()
-                t_sync = bridge.wait_line("AtrAccepted", after=t_kill, timeout=15)
+                t_sync = bridge.wait_line(ATR_ACKED, after=t_kill, timeout=15)
                 t_listen = seen[0]
                 after_listen.append((t_sync - t_listen) * 1e9)
                 kill_to_listen.append((t_listen - t_kill) * 1e9)
@@ -252,38 +256,21 @@ def _recovery_one(kind: str, reader: str, down_times: tuple[float, ...]) -> dict
 
 
 def run_memory(apdus: int = 100_000) -> dict[str, object]:
-    from lab.pcsc import PcscStack
-
     frame = apdu_frame(GET_CHALLENGE)
-    with PcscStack(1, debug=False) as stack, workdir() as tmp, children() as kids:
-        card = stack.insert_card(process=True)
-        peer = Peer("unix", tmp)
-        try:
-            bridge = spawn(
-                "bridge",
-                ["-m", "benchmarks.servers", "bridge", "--endpoint", peer.arg,
-                 "--reader", card.reader],
-            )  # fmt: skip
-            kids.append(bridge)
-            peer.accept()
-            peer.handshake()
-            time.sleep(1.0)
-            idle = bridge.rss_kib()
-            rt = peer.roundtrip
-            t0 = time.perf_counter()
-            for _ in range(10_000):
-                rt(frame)
-            warm = bridge.rss_kib()
-            for _ in range(apdus - 10_000):
-                rt(frame)
-            seconds = time.perf_counter() - t0
-            after = bridge.rss_kib()
-            if peer.last_answer()[-2:] != b"\x90\x00":
-                raise RuntimeError("memory: bad answer")
-        finally:
-            peer.close()
-            with contextlib.suppress(Exception):
-                card.close()
+    with one_card_bridge() as (peer, bridge):
+        time.sleep(1.0)
+        idle = bridge.rss_kib()
+        rt = peer.roundtrip
+        t0 = time.perf_counter()
+        for _ in range(10_000):
+            rt(frame)
+        warm = bridge.rss_kib()
+        for _ in range(apdus - 10_000):
+            rt(frame)
+        seconds = time.perf_counter() - t0
+        after = bridge.rss_kib()
+        if peer.last_answer()[-2:] != b"\x90\x00":
+            raise RuntimeError("memory: bad answer")
     return {
         "idle_mib": idle / 1024,
         "after_10k_mib": warm / 1024,

@@ -21,15 +21,15 @@ type and direction, each in a process of its own like ``ccidbridge run``:
 ``session-relay``
     A design probe: ccidbridge's own sans-IO :class:`BridgeSession` (the
     whole protocol: handshake, acks, sequencing, chaining) driven by one
-    blocking thread that also calls SCardTransmit — what the bridge would cost
-    with a per-card APDU thread and no event-loop or thread hand-off on the
-    APDU path.  No card events, no timeouts: not a product, a measurement.
+    blocking ``recv`` loop that also calls SCardTransmit.  The product's APDU
+    thread does the same with ``poll`` instead of a blocking ``recv``, plus
+    the watchdog's hand-off lock, card events, timers and backpressure; the
+    gap between the two is what that machinery costs.  Not a product.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import socket
@@ -150,42 +150,9 @@ def run_session_relay(endpoint: Endpoint, reader: str) -> None:
     scard.SCardReleaseContext(ctx)
 
 
-class InlinePcscCard:
-    """A design probe, not a card side to ship: SCardTransmit on the caller's
-    thread (the event loop's), so the bridge runs with no thread hand-off at
-    all.  A hung card would freeze the loop — which is why the product's card
-    side has a worker thread; here it measures what that hand-off costs."""
-
-    def __init__(self, reader: str) -> None:
-        self.reader = reader
-
-    def start(self, sink) -> None:  # type: ignore[no-untyped-def]
-        from smartcard import scard
-
-        self._scard = scard
-        hr, self._ctx = scard.SCardEstablishContext(scard.SCARD_SCOPE_USER)
-        protocols = scard.SCARD_PROTOCOL_T0 | scard.SCARD_PROTOCOL_T1
-        hr, self._h, self._proto = scard.SCardConnect(
-            self._ctx, self.reader, scard.SCARD_SHARE_EXCLUSIVE, protocols
-        )
-        assert hr == 0, hex(hr)
-        self._sink = sink
-        sink.card_inserted(bytes(scard.SCardStatus(self._h)[4]), self.reader)
-
-    def transmit(self, seq: int, apdu: bytes) -> None:
-        hr, resp = self._scard.SCardTransmit(self._h, self._proto, list(apdu))
-        self._sink.apdu_done(seq, bytes(resp) if hr == 0 else None, None if hr == 0 else hex(hr))
-
-    def recheck(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        self._scard.SCardDisconnect(self._h, self._scard.SCARD_LEAVE_CARD)
-        self._scard.SCardReleaseContext(self._ctx)
-
-
 def run_bridge(endpoints: list[Endpoint], readers: list[str], verbose: bool) -> int:
-    from ccidbridge.runtime.service import Service, default_card_factory
+    """``ccidbridge run`` with these cards: the product's Service, blocking until SIGTERM."""
+    from ccidbridge.runtime.service import CardLog, Service, default_card_factory
     from lab.instant_card import InstantCard
 
     logging.basicConfig(
@@ -197,21 +164,18 @@ def run_bridge(endpoints: list[Endpoint], readers: list[str], verbose: bool) -> 
         ServedCard(
             label=f"bench{i}",
             endpoint=ep,
-            reader=ReaderSpec(name=None if reader == "instant" else reader.removeprefix("inline:")),
+            reader=ReaderSpec(name=None if reader == "instant" else reader),
         )
         for i, (ep, reader) in enumerate(zip(endpoints, readers, strict=True))
     ]
     kinds = {c.label: r for c, r in zip(cards, readers, strict=True)}
 
-    def factory(served: ServedCard):  # type: ignore[no-untyped-def]
-        kind = kinds[served.label]
-        if kind == "instant":
+    def factory(served: ServedCard, card_log: CardLog):  # type: ignore[no-untyped-def]
+        if kinds[served.label] == "instant":
             return InstantCard()
-        if kind.startswith("inline:"):
-            return InlinePcscCard(kind.removeprefix("inline:"))
-        return default_card_factory(served)
+        return default_card_factory(served, card_log)
 
-    return asyncio.run(Service(cards, card_factory=factory).run())
+    return Service(cards, card_factory=factory).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reader",
         action="append",
         default=[],
-        help="PC/SC reader, 'instant', or 'inline:READER' (the InlinePcscCard probe)",
+        help="PC/SC reader, or 'instant' (an InstantCard: no card behind the bridge)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="bridge: DEBUG log to stderr")
     args = p.parse_args(argv)
