@@ -92,11 +92,49 @@ class Endpoint:
 
 
 @dataclass(frozen=True)
+class PinGuardSpec:
+    """ccidbridge's own ``<pin-guard keep='N'/>``: refuse a PIN command while its
+    counter is known to be at most ``keep`` (protocol/guard.py; 0 = off)."""
+
+    keep: int = 1
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyRule:
+    """One ``<allow>``/``<deny>`` of ``<policy>``: each field ``None`` matches anything.
+
+    ``cla``..``p2`` are the byte values the rule matches (ranges and masks are
+    expanded by the parser); ``aid`` is a DF-name prefix the selected
+    application must have (protocol/policy.py says how a partial one matches).
+    """
+
+    allow: bool
+    cla: frozenset[int] | None = None
+    ins: frozenset[int] | None = None
+    p1: frozenset[int] | None = None
+    p2: frozenset[int] | None = None
+    aid: bytes | None = None
+    text: str = ""  # the rule as written, for the log
+    line: int = 0
+
+
+@dataclass(frozen=True)
+class ApduPolicy:
+    """ccidbridge's own ``<policy>``: rules in document order; no rule = allow all."""
+
+    rules: tuple[PolicyRule, ...] = ()
+    line: int = 0
+
+
+@dataclass(frozen=True)
 class ServedCard:
     """One passthrough smartcard that ``ccidbridge run`` serves."""
 
     label: str  # e.g. "vm.xml:3 smartcard0" — used in every log line about this card
     endpoint: Endpoint
     reader: ReaderSpec
+    pin_guard: PinGuardSpec = PinGuardSpec()
+    policy: ApduPolicy = ApduPolicy()
     source_file: str = ""
     line: int = 0

@@ -7,6 +7,17 @@ import logging
 import sys
 
 from ccidbridge.commands import EXIT_CONFIG, load_config
+from ccidbridge.runtime.trace import DEFAULT_MAX_BYTES, TraceError, TraceFile
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count of 1024 or more")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -17,6 +28,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "SIGINT/SIGTERM.  -v logs every APDU (length, status word, round-trip time; "
         "never PIN data), -vv also the data of non-PIN commands.",
     )
+    p.add_argument("--trace", metavar="FILE",
+                   help="write every APDU as a JSON line to FILE (created 0600; header, "
+                   "lengths, status word, latency; data only with -vv and never PIN data)")
+    p.add_argument("--trace-max-bytes", metavar="N", type=_positive, default=DEFAULT_MAX_BYTES,
+                   help=f"stop tracing when FILE reaches N bytes (default {DEFAULT_MAX_BYTES})")
     p.add_argument("configs", nargs="+", metavar="CONFIG")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -58,4 +74,15 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_CONFIG
     trace = 0 if args.quiet else min(args.verbose, 2)
-    return Service(cards, trace=trace).run()
+    trace_file = None
+    if args.trace:
+        try:
+            trace_file = TraceFile(args.trace, args.trace_max_bytes, with_data=args.verbose >= 2)
+        except TraceError as exc:
+            print(f"ccidbridge: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        return Service(cards, trace=trace, trace_file=trace_file).run()
+    finally:
+        if trace_file is not None:
+            trace_file.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ccidbridge.spec import ReaderSpec, TlsSpec
+from ccidbridge.spec import ApduPolicy, PinGuardSpec, ReaderSpec, TlsSpec
 
 # The <controller>, <smartcard> and <channel> children of <ccidbridge>, in libvirt 9.0's
 # vocabulary (config/vocabulary.py states which attributes and values each takes).
@@ -102,6 +102,8 @@ class Smartcard:
     reader: ReaderSpec | None = None  # passthrough only
     tls: TlsSpec | None = None  # passthrough over tcp with tls='yes': the bridge's x509 files
     cleartext_network: bool = False  # <cleartext network='yes'/>: accepted without TLS off-host
+    pin_guard: PinGuardSpec | None = None  # passthrough: <pin-guard keep='N'/>, None = default
+    policy: ApduPolicy | None = None  # passthrough: <policy>, None = no rules
     line: int = 0
 
 

@@ -46,7 +46,15 @@ from ccidbridge.config.vocabulary import (
     Element,
 )
 from ccidbridge.protocol.presentation import RULES as PRESENTATION_RULES
-from ccidbridge.spec import CardProtocol, ReaderSpec, Share, TlsSpec
+from ccidbridge.spec import (
+    ApduPolicy,
+    CardProtocol,
+    PinGuardSpec,
+    PolicyRule,
+    ReaderSpec,
+    Share,
+    TlsSpec,
+)
 
 _HEX = re.compile(r"[0-9a-fA-F]*")
 E = ELEMENTS
@@ -263,6 +271,8 @@ def _passthrough(r: _Reader, node: etree._Element) -> Smartcard:
     address = reader = None
     tls_node: etree._Element | None = None
     cleartext = False
+    pin_guard: PinGuardSpec | None = None
+    policy: ApduPolicy | None = None
     seen: set[str] = set()
     for child in r.children(node, spec, children):
         if child.tag in seen and child.tag != "source":
@@ -289,6 +299,13 @@ def _passthrough(r: _Reader, node: etree._Element) -> Smartcard:
         elif child.tag == "cleartext":
             r.leaf(child, E["cleartext"])
             cleartext = r.yes_no(child, E["cleartext"], "network") is True
+        elif child.tag == "pin-guard":
+            r.leaf(child, E["pin-guard"])
+            keep = r.uint(child, E["pin-guard"], "keep")
+            assert keep is not None  # it has a default
+            pin_guard = PinGuardSpec(keep=keep, line=r.line(child))
+        elif child.tag == "policy":
+            policy = _policy(r, child)
         else:
             reader = _reader(r, child)
     sources = _check_sources(r, node, kind, sources)
@@ -298,7 +315,7 @@ def _passthrough(r: _Reader, node: etree._Element) -> Smartcard:
         chardev=Chardev(type=kind, sources=tuple(sources), protocol=protocol,
                         log_file=log_file, log_append=log_append),
         address=address, reader=reader, tls=tls_spec, cleartext_network=cleartext,
-        line=r.line(node),
+        pin_guard=pin_guard, policy=policy, line=r.line(node),
     )
 
 
@@ -326,6 +343,53 @@ def _tls(r: _Reader, node: etree._Element, kind: str, sources: list[CharSource])
     except tls.TlsFilesError as exc:
         raise r.fail(node, f"<tls>: {exc}") from None
     return tls_spec
+
+
+def _policy(r: _Reader, node: etree._Element) -> ApduPolicy:
+    """ccidbridge's ``<policy>``: ``<allow>``/``<deny>`` rules in order (protocol/policy.py)."""
+    spec = E["policy"]
+    r.attrs(node, spec)
+    rules = []
+    for child in r.children(node, spec):
+        rule_spec = E[child.tag]
+        r.leaf(child, rule_spec)
+        fields: dict[str, frozenset[int]] = {}
+        for name in ("cla", "ins", "p1", "p2"):
+            value = r.value(child, rule_spec, name)
+            if value is not None:
+                fields[name] = _byte_set(r, child, name, value)
+        aid = r.value(child, rule_spec, "aid")
+        written = " ".join(f"{k}='{v}'" for k, v in child.attrib.items())
+        rules.append(PolicyRule(
+            allow=child.tag == "allow", aid=bytes.fromhex(aid) if aid else None,
+            text=f"<{child.tag}{' ' if written else ''}{written}/>", line=r.line(child),
+            **fields,
+        ))
+    return ApduPolicy(rules=tuple(rules), line=r.line(node))
+
+
+def _byte_set(r: _Reader, node: etree._Element, name: str, value: str) -> frozenset[int]:
+    """The byte values ``47``, ``E0-EF`` (a range) and ``80/F0`` (value/mask) stand for."""
+    out: set[int] = set()
+    for item in value.split():
+        low, sep, high = item[:2], item[2:3], item[3:]
+        a = int(low, 16)
+        if not sep:
+            out.add(a)
+        elif sep == "-":
+            b = int(high, 16)
+            if b < a:
+                raise r.fail(node, f"<{node.tag} {name}='{value}'>: the range {item} is "
+                             f"empty; write the lower byte first, e.g. '{high}-{low}'")
+            out.update(range(a, b + 1))
+        else:
+            mask = int(high, 16)
+            if a & ~mask:
+                raise r.fail(node, f"<{node.tag} {name}='{value}'>: {item} matches nothing "
+                             f"(the value has bits outside the mask); e.g. "
+                             f"'{a & mask:02X}/{mask:02X}'")
+            out.update(v for v in range(256) if v & mask == a)
+    return frozenset(out)
 
 
 def _source(r: _Reader, node: etree._Element, kind: str) -> CharSource:

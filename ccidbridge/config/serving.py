@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ccidbridge.config.layout import Layout, PlacedCard
 from ccidbridge.config.loaded import Config
-from ccidbridge.spec import Endpoint, ReaderSpec, ServedCard, is_loopback
+from ccidbridge.spec import ApduPolicy, Endpoint, PinGuardSpec, ReaderSpec, ServedCard, is_loopback
 
 TLS_REASON = (
     "tls='yes' needs the bridge's own certificates: add <tls dir='/DIR'/> (QEMU's layout: "
@@ -98,6 +98,8 @@ def served_cards(path: str, lay: Layout) -> tuple[ServedCard, ...]:
                 label=label(path, placed),
                 endpoint=_endpoint(placed),
                 reader=card.reader or ReaderSpec(line=card.line),
+                pin_guard=card.pin_guard or PinGuardSpec(line=card.line),
+                policy=card.policy or ApduPolicy(),
                 source_file=path,
                 line=card.line,
             ))

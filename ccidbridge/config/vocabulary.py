@@ -5,7 +5,7 @@ takes its messages from it; the shipped ``schema.rng`` is checked against this
 table in tests/test_config_schema.py (and against libvirt's own
 virt-xml-validate), never on the user's path.  The libvirt part follows
 libvirt 9.0's domaincommon.rng and parser (docs/libvirt.md#L1); ``<reader>``
-``<tls>`` and ``<cleartext>`` are ccidbridge's own.
+``<tls>``, ``<cleartext>``, ``<pin-guard>`` and ``<policy>`` are ccidbridge's own.
 
 To add an attribute: add an ``Attr`` to its element's ``attrs`` below (kind,
 values or pattern, default, the libvirt message if libvirt has one); read it in
@@ -71,6 +71,18 @@ CCID_NUMBER = "[0-9]{1,2}"  # domaincommon.rng ccidaddress
 USB_PORT = r"[0-9]{1,3}(\.[0-9]{1,3}){0,4}"  # domaincommon.rng usbPort
 ABSOLUTE = "/.*"  # domaincommon.rng absFilePath / absDirPath
 
+# <allow>/<deny> header bytes: hex values, ranges (E0-EF) and value/mask pairs (80/F0).
+BYTE_ITEM = "[0-9A-Fa-f]{2}([-/][0-9A-Fa-f]{2})?"
+BYTE_SET = rf"{BYTE_ITEM}(\s+{BYTE_ITEM})*"
+BYTE_SET_WHAT = ("hex bytes, ranges or value/mask pairs separated by spaces, e.g. "
+                 "'47', 'DA DB', 'E0-EF' or '80/F0'")
+RULE_ATTRS = (
+    *(Attr(name, "text", pattern=BYTE_SET, what=BYTE_SET_WHAT)
+      for name in ("cla", "ins", "p1", "p2")),
+    Attr("aid", "text", pattern="([0-9A-Fa-f]{2}){1,16}",
+         what="an application identifier (prefix) of 1-16 hex bytes, e.g. 'D27600012401'"),
+)
+
 SMARTCARD_MODES = ("host", "host-certificates", "passthrough")
 TCP_PROTOCOLS = ("raw", "telnet", "telnets", "tls")
 SPICE_AGENT_NAME = "com.redhat.spice.0"  # the only spicevmc channel target name QEMU takes
@@ -102,7 +114,7 @@ ELEMENTS: dict[str, Element] = {k: e for k, e in (
         Attr("type", "enum", CHARDEV_TYPES,
              libvirt="libvirt: unknown type presented to host for character device: {value}"),
     ), children=("certificate", "database", "source", "protocol", "log", "reader",
-                 "tls", "cleartext", "address"))),
+                 "tls", "cleartext", "pin-guard", "policy", "address"))),
     ("certificate", Element("certificate", text=True)),
     ("database", Element("database", text=True)),
     ("source", Element("source", (
@@ -151,6 +163,13 @@ ELEMENTS: dict[str, Element] = {k: e for k, e in (
     ("cleartext", Element("cleartext", (
         Attr("network", "enum", YES_NO, default="no"),
     ))),
+    ("pin-guard", Element("pin-guard", (
+        Attr("keep", "uint", pattern="[0-9]|1[0-5]", what="0-15 tries (0 switches the guard off)",
+             default="1"),
+    ))),
+    ("policy", Element("policy", children=("allow", "deny"))),
+    ("allow", Element("allow", RULE_ATTRS)),
+    ("deny", Element("deny", RULE_ATTRS)),
     ("channel", Element("channel", (
         Attr("type", "enum", ("spicevmc",)),
     ), children=("target", "address"))),
@@ -172,7 +191,8 @@ SMARTCARD_BY_MODE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "host": (("mode",), ("address",)),
     "host-certificates": (("mode",), ("certificate", "database", "address")),
     "passthrough": (("mode", "type"),
-                    ("source", "protocol", "log", "address", "reader", "tls", "cleartext")),
+                    ("source", "protocol", "log", "address", "reader", "tls", "cleartext",
+                     "pin-guard", "policy")),
 }
 # Which <source> attributes each chardev type reads (domain_conf.c virDomainChrSourceDefParseXML).
 SOURCE_BY_TYPE: dict[str, tuple[str, ...]] = {

@@ -12,5 +12,8 @@ Nothing in this package does IO, starts threads or reads a clock.
 - ``t1``        recognising a T=1 block from a guest that negotiated T=1 (refused)
 - ``events``    the events a session takes and gives
 - ``session``   the bridge side (the "client" in vscard_common.h terms)
+- ``gate``      what stands between the guest and the card: ``policy`` (allow/deny
+                rules), ``guard`` (the PIN-retry guard), ``selection`` (the selected
+                application per logical channel)
 - ``device``    QEMU's side (the "host"), a twin for tests
 """

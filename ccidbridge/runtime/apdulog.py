@@ -7,7 +7,9 @@ command chaining change CLA, not INS); ENVELOPE (C2/C3) can wrap any of
 them.  For those commands neither the command data nor the response data ever
 reaches a log line or trace, at any level.  For every other command the data
 is shown only when asked for (``-vv``).  Every log line about an APDU is made
-by :func:`describe_command` / :func:`describe_response`.
+by :func:`describe_command` / :func:`describe_response`, and every data field
+of the trace (trace.py) by :func:`shown_command_data` / :func:`shown_response_data`,
+which state the rule.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ def is_secret(apdu: bytes) -> bool:
     return len(apdu) < 2 or apdu[1] in SECRET_INS
 
 
+def shown_command_data(apdu: bytes, with_data: bool) -> bytes | None:
+    """The command data a log line or trace may show: only when asked, never a PIN's."""
+    if not with_data or len(apdu) <= 4 or is_secret(apdu):
+        return None
+    return apdu[4:]
+
+
+def shown_response_data(response: bytes, with_data: bool, command: bytes) -> bytes | None:
+    """The response data a log line or trace may show: only when asked, never after
+    a PIN command."""
+    if not with_data or len(response) <= 2 or is_secret(command):
+        return None
+    return response[:-2]
+
+
 def describe_command(apdu: bytes, with_data: bool = False) -> str:
     """``CLA 00 INS A4 P1 04 P2 00, 12 bytes`` (+ data when allowed and safe)."""
     if len(apdu) < 4:
@@ -32,8 +49,11 @@ def describe_command(apdu: bytes, with_data: bool = False) -> str:
     text = (
         f"CLA {apdu[0]:02X} INS {apdu[1]:02X} P1 {apdu[2]:02X} P2 {apdu[3]:02X}, {len(apdu)} bytes"
     )
-    if with_data and len(apdu) > 4:
-        text += " [data redacted: PIN]" if is_secret(apdu) else f" [{apdu[4:].hex()}]"
+    data = shown_command_data(apdu, with_data)
+    if data is not None:
+        text += f" [{data.hex()}]"
+    elif with_data and len(apdu) > 4:
+        text += " [data redacted: PIN]"
     return text
 
 
@@ -42,6 +62,7 @@ def describe_response(response: bytes, with_data: bool = False, command: bytes =
     if len(response) < 2:
         return f"no status word ({len(response)} bytes)"
     text = f"SW {response[-2:].hex().upper()}, {len(response)} bytes"
-    if with_data and len(response) > 2 and not is_secret(command):
-        text += f" [{response[:-2].hex()}]"
+    data = shown_response_data(response, with_data, command)
+    if data is not None:
+        text += f" [{data.hex()}]"
     return text

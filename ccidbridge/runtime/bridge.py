@@ -54,8 +54,10 @@ from ccidbridge import tls
 from ccidbridge.card.base import CardReport, CardSide, Inserted, Removed, TransmitFailed
 from ccidbridge.protocol import events as ev
 from ccidbridge.protocol.atr import hexatr
+from ccidbridge.protocol.gate import Gate, Refusal
 from ccidbridge.protocol.session import BridgeSession
 from ccidbridge.runtime import apdulog, peers
+from ccidbridge.runtime.trace import CardTrace
 from ccidbridge.runtime.transport import (
     RETRY_MAX,
     RETRY_MIN,
@@ -120,9 +122,11 @@ class CardBridge:
         card: CardSide,
         log: Log | None = None,
         trace: int = 0,
+        tracer: CardTrace | None = None,
     ) -> None:
         """``trace``: 1 logs every APDU (command header, length, SW, time),
-        2 adds the data of commands that carry no PIN (apdulog)."""
+        2 adds the data of commands that carry no PIN (apdulog).  ``tracer``:
+        this card's lines in ``run --trace FILE`` (runtime/trace.py)."""
         self.served = served
         self.card = card
         self.log: Log = log or logging.getLogger(f"ccidbridge.{served.label}")
@@ -135,6 +139,9 @@ class CardBridge:
         self._timeout = served.reader.apdu_timeout
         self._trace = trace >= 1
         self._trace_data = trace >= 2
+        # -- safety (the APDU thread's): policy + PIN guard (protocol/gate.py), the trace
+        self._gate = Gate(served.pin_guard, served.policy)
+        self._tracer = tracer
         # -- shared, see the module docstring
         self._calls: dict[int, _Call] = {}  # token -> the card call under way
         self._token = 0  # the APDU thread's: the last token it used
@@ -379,6 +386,7 @@ class CardBridge:
 
     def _apply_reports(self, reports: list[CardReport]) -> None:
         for report in reports:
+            self._gate.forget()  # G7: a reset or another card; nothing is known
             if isinstance(report, Inserted):
                 self.log.info("card in %r, ATR %s", report.reader, hexatr(report.atr))
                 self._tell(ev.CardInserted(report.atr, report.protocol))
@@ -403,6 +411,10 @@ class CardBridge:
         if self._lent:
             self.session.handle(ev.ApduFailed(seq, NOT_ANSWERING))
             return
+        refusal = self._gate.check(apdu)  # the policy and the PIN guard
+        if refusal is not None:
+            self._refuse(seq, apdu, refusal)
+            return
         started = time.monotonic()
         token = self._card_call(seq, started)
         try:
@@ -415,11 +427,23 @@ class CardBridge:
             raise _Abandoned()
         if self._trace:
             self._log_apdu(apdu, response, error, started)
+        if self._tracer is not None:
+            self._tracer.exchange(apdu, response, started, error)
         if response is not None:
+            self._gate.answered(apdu, response)
             self.session.handle(ev.ApduResponse(seq, response))
         else:
             self.session.handle(ev.ApduFailed(seq, error))
             self._card_reports()  # what the failure did to the card
+
+    def _refuse(self, seq: int, apdu: bytes, refusal: Refusal) -> None:
+        """The gate answers for the card, which never sees the command."""
+        level = logging.WARNING if refusal.first else logging.DEBUG
+        self.log.log(level, "APDU %s refused by the %s: %s",
+                     apdulog.describe_command(apdu, self._trace_data), refusal.by, refusal.reason)
+        if self._tracer is not None:
+            self._tracer.exchange(apdu, refusal.sw, time.monotonic(), by=refusal.by)
+        self.session.handle(ev.ApduResponse(seq, refusal.sw))
 
     def _log_apdu(self, apdu: bytes, response: bytes | None, error: str, started: float) -> None:
         ms = (time.monotonic() - started) * 1000

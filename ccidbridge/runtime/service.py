@@ -21,6 +21,7 @@ from types import FrameType
 
 from ccidbridge.card.base import CardSide
 from ccidbridge.runtime.bridge import SHUTDOWN_ACK_TIMEOUT, CardBridge
+from ccidbridge.runtime.trace import TraceFile
 from ccidbridge.runtime.transport import TransportError
 from ccidbridge.spec import ServedCard
 
@@ -52,10 +53,12 @@ class Service:
         cards: list[ServedCard],
         card_factory: Callable[[ServedCard, CardLog], CardSide] = default_card_factory,
         trace: int = 0,
+        trace_file: TraceFile | None = None,
     ) -> None:
         self.cards = cards
         self.card_factory = card_factory
         self.trace = trace
+        self.trace_file = trace_file  # run --trace: every card's APDUs (runtime/trace.py)
         self.bridges: dict[str, CardBridge] = {}
         #: label -> why it cannot be served at all (a configuration problem)
         self.failed: dict[str, str] = {}
@@ -104,7 +107,9 @@ class Service:
 
     def _start(self, served: ServedCard) -> None:
         clog = CardLog(logging.getLogger("ccidbridge.card"), {"label": served.label})
-        bridge = CardBridge(served, self.card_factory(served, clog), clog, trace=self.trace)
+        tracer = self.trace_file.card(served.label) if self.trace_file is not None else None
+        bridge = CardBridge(served, self.card_factory(served, clog), clog, trace=self.trace,
+                            tracer=tracer)
         try:
             bridge.start()
         except TransportError as exc:
