@@ -309,3 +309,14 @@ def test_import_error_inside_a_command_surfaces(tmp_path: Path,
     monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "broken_command"))
     with pytest.raises(ModuleNotFoundError, match="no_such_module_anywhere"):
         cli.build_parser()
+
+
+def test_a_unix_socket_path_longer_than_the_kernel_takes_is_an_error(tmp_path) -> None:
+    """sun_path holds 107 bytes and a NUL: a longer path is listened on nowhere."""
+    fits = "/run/" + "s" * (107 - len("/run/"))
+    config = ("<ccidbridge>\n<smartcard mode='passthrough' type='unix'>\n"
+              "<source mode='bind' path='{}'/>\n</smartcard>\n</ccidbridge>\n")
+    assert loads(config.format(fits), "vm.xml").served_cards()
+    with pytest.raises(ConfigError) as info:
+        loads(config.format(fits + "x"), "vm.xml")
+    assert str(info.value).startswith("vm.xml:3: ") and "at most 107" in str(info.value)

@@ -13,6 +13,7 @@ says why.  Every value is resolved here, once (a service name to its port).
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
 from collections.abc import Iterator
@@ -58,6 +59,8 @@ from ccidbridge.spec import (
 
 _HEX = re.compile(r"[0-9a-fA-F]*")
 E = ELEMENTS
+#: sockaddr_un.sun_path is 108 bytes on Linux, its terminating NUL included.
+MAX_UNIX_PATH = 107
 
 
 class _Reader:
@@ -483,6 +486,10 @@ def _check_sources(r: _Reader, node: etree._Element, kind: str,
         if not src.path.startswith("/"):
             raise r.fail(node, f"<source path='{src.path}'> must be absolute: QEMU and the "
                          "bridge would resolve a relative path against different directories")
+        if kind == "unix" and len(os.fsencode(src.path)) > MAX_UNIX_PATH:
+            raise r.fail_at(src.line, f"<source path='{src.path}'> is {len(os.fsencode(src.path))} "
+                         f"bytes; a Unix socket path can have at most {MAX_UNIX_PATH} (the "
+                         "kernel's sun_path): neither QEMU nor the bridge could use it")
     elif kind == "spiceport" and (src is None or not src.channel):
         raise r.fail(node, "type='spiceport' needs <source channel='org.example.name'/>")
     return sources
