@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from ccidbridge.commands import EXIT_CONFIG, load_config
+from ccidbridge.commands import EXIT_CONFIG, load_config, served_of
 
 DEFAULT_URI = "qemu:///system"
 
@@ -48,15 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose, args.quiet)
     config = load_config(args.config)
-    if config is None:
+    cards = served_of(config, "attaching")
+    if config is None or cards is None:
         return EXIT_CONFIG
-    if config.refused:
-        for refusal in config.refused:
-            print(refusal, file=sys.stderr)
-        return EXIT_CONFIG
-    cards = config.served_cards()
-    for lbl, reason in config.unserved():
-        logging.getLogger("ccidbridge").warning("not attaching %s: %s", lbl, reason)
     if not cards:
         print(f"ccidbridge: nothing to attach in {args.config}: no passthrough smartcard on a "
               "tcp or unix socket", file=sys.stderr)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from ccidbridge.commands import EXIT_CONFIG, load_config
+from ccidbridge.commands import EXIT_CONFIG, load_config, served_of
 from ccidbridge.runtime.trace import DEFAULT_MAX_BYTES, TraceError, TraceFile
 
 
@@ -55,16 +55,10 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose, args.quiet)
     cards = []
     for path in args.configs:
-        config = load_config(path)
-        if config is None:
+        served = served_of(load_config(path), "serving")
+        if served is None:
             return EXIT_CONFIG
-        if config.refused:
-            for refusal in config.refused:
-                print(refusal, file=sys.stderr)
-            return EXIT_CONFIG
-        for label, reason in config.unserved():
-            logging.getLogger("ccidbridge").warning("not serving %s: %s", label, reason)
-        cards += config.served_cards()
+        cards += served
     if not cards:
         where = ", ".join(args.configs)
         print(

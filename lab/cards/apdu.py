@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ccidbridge.protocol.tlv import read_tlv
+
 SW_OK = 0x9000
 SW_WRONG_LENGTH = 0x6700
 SW_SECURITY = 0x6982
@@ -137,41 +139,17 @@ def tlv(tag: int, value: bytes) -> bytes:
 
 
 def parse_tlv(data: bytes) -> list[tuple[int, bytes]]:
-    """The TLVs at one level of ``data``; ``ValueError`` on malformed input."""
+    """The TLVs at one level of ``data`` (the bridge's own BER-TLV reader,
+    ccidbridge/protocol/tlv.py); ``ValueError`` on malformed input."""
     out: list[tuple[int, bytes]] = []
     i = 0
     while i < len(data):
         if data[i] in (0x00, 0xFF):  # padding between objects (ISO 7816-4)
             i += 1
             continue
-        start = i
-        i += 1
-        if data[start] & 0x1F == 0x1F:
-            while True:
-                if i >= len(data):
-                    raise ValueError("TLV ends inside its tag")
-                i += 1
-                if not data[i - 1] & 0x80:
-                    break
-        tag = int.from_bytes(data[start:i], "big")
-        if i >= len(data):
-            raise ValueError("TLV ends before its length")
-        first = data[i]
-        i += 1
-        if first < 0x80:
-            n = first
-        elif first in (0x81, 0x82, 0x83):
-            k = first & 0x7F
-            if i + k > len(data):
-                raise ValueError("TLV ends inside its length")
-            n = int.from_bytes(data[i : i + k], "big")
-            i += k
-        else:
-            raise ValueError(f"unsupported TLV length byte {first:02X}")
-        if i + n > len(data):
-            raise ValueError(f"TLV {tag:X} announces {n} bytes, has {len(data) - i}")
-        out.append((tag, data[i : i + n]))
-        i += n
+        tag, start, end = read_tlv(data, i)  # TlvError is a ValueError
+        out.append((tag, data[start:end]))
+        i = end
     return out
 
 
