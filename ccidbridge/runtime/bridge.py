@@ -1,10 +1,10 @@
 """One served card: the session, its card side and its connection to QEMU.
 
-The threading model (chosen by measurement, docs/performance.md): one **APDU
-thread** per card does everything on the APDU path itself — it polls the
-socket, feeds the sans-IO session, calls SCardTransmit synchronously and
-writes the answer — so a guest command costs no thread hand-off and no more
-wake-ups than a bare relay.  Around it:
+The threading model (chosen by measurement, docs/performance.md#B5 and #B6):
+one **APDU thread** per card does everything on the APDU path itself — it
+polls the socket, feeds the sans-IO session, calls SCardTransmit
+synchronously and writes the answer — so a guest command costs no thread
+hand-off (the same voluntary wake-ups as a bare relay).  Around it:
 
 * the card side's watchers (the reader monitor) post into the card side's
   inbox and wake the APDU thread through ``_wake_w``;
@@ -28,10 +28,10 @@ Who owns what:
 * ``_handoff`` (a lock) guards ``_closed``, which a thread given up on checks
   before it hands the card side back.
 * ``_inbox_lock`` guards ``_inbox``; any thread posts, then writes ``_wake_w``.
-* Everything else belongs to the APDU thread of the current generation
-  (the one that holds no abandoned token), and is handed from one to the next
-  only by the watchdog, before it starts the new thread.  The card side, while ``_lent``, belongs
-  to the stuck thread until it posts :class:`_CardReturned`.
+* Everything else belongs to the current APDU thread (the one the watchdog
+  did not give up on), and is handed from one to the next only by the
+  watchdog, before it starts the new thread.  The card side, while
+  ``_lent``, belongs to the stuck thread until it posts :class:`_CardReturned`.
 * ``connected``, ``synchronized``, ``finished``: thread-safe events for
   whoever watches the bridge (the service, tests).
 """
@@ -74,7 +74,7 @@ from ccidbridge.spec import ServedCard, is_loopback
 #: How long shutdown waits for QEMU to ack CardRemove and ReaderRemove.
 SHUTDOWN_ACK_TIMEOUT = 1.0
 #: Stop reading the peer while this much of our output waits in our buffer:
-#: a peer that does not read gets no new commands in (docs/performance.md).
+#: a peer that does not read gets no new commands in (docs/performance.md#B2).
 OUT_HIGH_WATER = 4096
 NOT_ANSWERING = "the card is not answering"
 #: A TLS peer that has not finished its handshake by then loses its connection.
