@@ -1,4 +1,4 @@
-"""``python -m benchmarks [ITEM...]``: run the benchmarks (docs/performance.md), print tables, JSON.
+"""``python -m benchmarks [ITEM...]``: run the benchmarks (docs/benchmarks.md), print tables, JSON.
 
 Items (all by default, in this order): apdu, overhead, events, recovery,
 memory, backpressure, scale, codec, config.  Run inside ``.ci/isolated`` (``make
@@ -101,7 +101,7 @@ def _dist_head() -> str:
     return f"  {'':<28}{'median µs':>12}{'p99 µs':>12}{'n':>8}"
 
 
-#: The goals of item 1 (docs/performance.md#B1; reported against, not asserted): numerator,
+#: The goals of item 1 (docs/benchmarks.md#B1; reported against, not asserted): numerator,
 #: denominator, socket, the most the per-round median ratio may be.
 APDU_GOALS = (("bridge", "relay", "unix", 1.10), ("bridge", "vscclient", "tcp", 1.00))
 APDU_ROWS = ("bridge", "relay", "session relay", "vscclient", "direct", "socket floor", "floor")
@@ -112,7 +112,7 @@ def _spread(q: dict) -> str:
 
 
 def apdu_goals(res: dict, sock: str) -> list[tuple[str, bool]]:
-    """(what, met) for each APDU goal (docs/performance.md#B1) that applies to one configuration."""
+    """(what, met) for each APDU goal (docs/benchmarks.md#B1) that applies to one configuration."""
     out = []
     for a, b, on, most in APDU_GOALS:
         q = res["ratios"].get(f"{a}/{b}")

@@ -7,7 +7,7 @@ blocking, up to :data:`LIMIT`).  A bridge with backpressure stops reading
 once its answers back up (``OUT_HIGH_WATER`` in ccidbridge/runtime/bridge.py),
 so the kernel's socket buffers fill and the peer's sends stall: the peer
 counts what got in.  At fb07541 the bridge kept reading instead, and held
-200 000 answers (+84 MB, never returned; docs/performance.md#B2).
+200 000 answers (+84 MB, never returned; docs/benchmarks.md#B2).
 
 Reported, VmRSS of the bridge process:
 

@@ -1,7 +1,7 @@
-"""``python -m benchmarks.markdown [JSON]``: the result tables of docs/performance.md.
+"""``python -m benchmarks.markdown [JSON]``: the result tables of docs/benchmarks.md.
 
 Renders a run's JSON (default ``benchmarks/results/latest.json``) as the
-Markdown tables docs/performance.md shows, so the document's numbers come
+Markdown tables docs/benchmarks.md shows, so the document's numbers come
 from one run, unedited.  ``--splice FILE`` replaces the text between the
 ``<!-- results:begin -->`` and ``<!-- results:end -->`` markers in FILE.
 """
@@ -120,7 +120,7 @@ def _where(label: str) -> str:
 
 
 def apdu_summary(a: dict) -> list[str]:
-    """The APDU goals (docs/performance.md#B1), judged on the per-round median ratios."""
+    """The APDU goals (docs/benchmarks.md#B1), judged on the per-round median ratios."""
     out = []
     pin = {k: v for k, v in a.items() if not k.startswith("free")}
     free = {k: v for k, v in a.items() if k.startswith("free")}

@@ -7,7 +7,7 @@ with a six-rule policy), and ``CardTrace.exchange`` writing to a file in a
 temporary directory, at ``-v`` (no data) and ``-vv``.  Each figure is the median
 of several rounds, minus the cost of the same loop calling two empty functions.
 The card round trip these are added to is about 0.2-0.5 ms on pcscd + vpcd
-(docs/performance.md), so 1 µs is 0.2-0.5 %.
+(docs/benchmarks.md), so 1 µs is 0.2-0.5 %.
 
 ``--end-to-end`` also times whole guest round trips through a real CardBridge
 (the QEMU twin on a Unix socket, an instant card), interleaved in rounds:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "vscclient"
 BINARY = CACHE / "build" / "vscclient"
 INFO = CACHE / "build.json"
-#: The upstream version the apdu item compares with (docs/performance.md#B1).
+#: The upstream version the apdu item compares with (docs/benchmarks.md#B1).
 UPSTREAM = "2.8.0"
 
 SOURCES = """\

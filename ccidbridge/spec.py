@@ -75,7 +75,7 @@ class Endpoint:
 
     libvirt's ``<source mode='bind'>`` means QEMU listens, so the bridge
     connects (``bridge_listens=False``); ``mode='connect'`` (libvirt's default)
-    means QEMU connects and the bridge listens (docs/libvirt.md#L3).
+    means QEMU connects and the bridge listens (docs/libvirt-facts.md#L3).
     """
 
     kind: str  # "tcp" or "unix"

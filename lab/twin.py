@@ -12,7 +12,7 @@ The guest side is a method call: :meth:`guest_transmit` is an XfrBlock, and
 :attr:`answers` records what the guest got for each request.
 
 ``t1_reader=True`` models the usb-ccid of QEMU's development tree with
-``x-t1-support`` on (dwProtocols = 3, docs/libvirt.md#L33; in no release up to
+``x-t1-support`` on (dwProtocols = 3, docs/libvirt-facts.md#L33; in no release up to
 11.1): a guest whose card's ATR offers T=1 negotiates T=1, and usb-ccid, still
 at TPDU level, forwards its **T=1 blocks** verbatim.  The guest here does what
 libccid does: an S(IFS request) first, then each command in an I-block with

@@ -1,7 +1,7 @@
 """Bad configs: every error is one ``FILE:LINE: what is wrong, what is allowed`` line.
 
 ERRORS is the table of libvirt 9.0's errors for these devices
-(docs/libvirt.md#L15); tests/test_libvirt_oracle_errors.py checks each one
+(docs/libvirt-facts.md#L15); tests/test_libvirt_oracle_errors.py checks each one
 against the real libvirt, this file checks ccidbridge's own message.
 """
 

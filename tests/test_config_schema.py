@@ -32,7 +32,7 @@ GOOD = [
     "<channel type='spicevmc'><target type='virtio' name='com.redhat.spice.0'/><address "
     "type='virtio-serial' controller='0' bus='0' port='2'/></channel>",
 ]
-# What virt-xml-validate (libvirt 9.0) rejects (docs/libvirt.md#L2).
+# What virt-xml-validate (libvirt 9.0) rejects (docs/libvirt-facts.md#L2).
 BAD = [
     "<smartcard mode='bogus'/>",
     "<smartcard/>",

@@ -116,7 +116,7 @@ def test_every_citation_resolves_and_stays_inside() -> None:
 
 def test_the_fact_docs_carry_their_anchors() -> None:
     assert {f"Q{i}" for i in range(1, 17)} <= (anchors_of("protocol/VSCARD.md") or set())
-    assert {f"L{i}" for i in range(1, 16)} <= (anchors_of("docs/libvirt.md") or set())
+    assert {f"L{i}" for i in range(1, 16)} <= (anchors_of("docs/libvirt-facts.md") or set())
     assert {f"V{i}" for i in range(1, 13)} <= (anchors_of("docs/lab.md") or set())
 
 

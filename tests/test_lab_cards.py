@@ -147,7 +147,7 @@ def test_scdaemon_reads_extended_length_from_5f52_only(
     own_card: Callable[..., CardInSlot], card_keys: Path, options: dict[str, bool],
     scdaemon_ext: str,
 ) -> None:  # fmt: skip
-    """docs/middleware.md#M2: scdaemon takes the capability from DO 5F52 alone."""
+    """docs/middleware-facts.md#M2: scdaemon takes the capability from DO 5F52 alone."""
     own_card(openpgp.spec(card_keys, **options))
     with GnupgHome(scd_log=True) as g:
         r = g.gpg("--card-status")
@@ -198,7 +198,7 @@ def test_opensc_reads_extended_length_from_atr_or_5f52(
     own_card: Callable[..., CardInSlot], card_keys: Path, tmp_path: Path,
     options: dict[str, bool], extended: bool,
 ) -> None:  # fmt: skip
-    """docs/middleware.md#M4: OpenSC's openpgp driver takes the capability from the
+    """docs/middleware-facts.md#M4: OpenSC's openpgp driver takes the capability from the
     ATR's historical bytes or DO 5F52 (7F66 only sizes it); without both, the 7F21
     certificate (> 256 bytes) comes with a short Le and 61xx/GET RESPONSE."""
     card = own_card(openpgp.spec(card_keys, **options), process=False)

@@ -2,7 +2,7 @@
 libvirt 9.0 + QEMU 7.2, 11.3 + QEMU 10.0 and 12.8 + QEMU 11.1 (lab.stacks).
 
 For every example and every case of CASES below (the devices a generator must
-get right, docs/libvirt.md#L4 .. #L13):
+get right, docs/libvirt-facts.md#L4 .. #L13):
 
 * the config's devices (without ``<reader>``) in a minimal domain, through
   ``virsh define`` + ``dumpxml --inactive``, give exactly the lines
@@ -171,7 +171,7 @@ def test_notes_case_old_syntax(libvirtd, case: str, caps: str) -> None:
     config = f"<ccidbridge>{CASES[case]}</ccidbridge>"
     if caps == KV_ALL and not libvirtd.stack.is_host:
         # libvirt 11.3 and 12.8 no longer have object.qapified (-object is always JSON;
-        # they drive no QEMU older than 6.0): deleting it changes nothing (docs/libvirt.md#L32)
+        # they drive no QEMU older than 6.0): deleting it changes nothing (docs/libvirt-facts.md#L32)
         devices = config_devices(config)
         without = _check(libvirtd.domxml_to_native(wrap(devices, KV_ALL)), "config")
         assert native_args(without) == native_args(
@@ -266,7 +266,7 @@ def test_portable_output_fits_a_busy_domain(libvirtd, example: Path) -> None:
 def test_t1_override_reaches_libvirts_argv(libvirtd, example: str) -> None:
     """For a QEMU whose usb-ccid offers T=1, ccidbridge's <qemu:override> (pasted into the
     domain) is accepted, survives dumpxml, and libvirt's argv equals ccidbridge's with
-    x-t1-support=false on every usb-ccid (docs/libvirt.md#L33).  Not started: no QEMU
+    x-t1-support=false on every usb-ccid (docs/libvirt-facts.md#L33).  Not started: no QEMU
     release has the property."""
     own = version_for(libvirtd)
     version = Target(own.qemu, own.libvirt, usb_ccid_t1=True)

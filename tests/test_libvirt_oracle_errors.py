@@ -11,7 +11,7 @@ from tests.test_config_errors import ERRORS
 pytestmark = pytest.mark.libvirt
 SPICE = "<graphics type='spice'/>"
 #: Where libvirt 11.3 and 12.8 word a refusal differently from 9.0 (whose wording the
-#: ERRORS table and ccidbridge's own message quote): docs/libvirt.md#L32.
+#: ERRORS table and ccidbridge's own message quote): docs/libvirt-facts.md#L32.
 NEWER_WORDING = {
     "bad-protocol": "Invalid value for attribute 'type' in element 'protocol': 'bogus'",
 }

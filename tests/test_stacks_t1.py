@@ -1,7 +1,7 @@
 """Session rule R11: a guest that negotiated T=1 (a usb-ccid with x-t1-support on, in
 QEMU's development tree only) sends T=1 blocks; the bridge refuses them instead of
 garbling the card.  Against the QEMU twin's ``t1_reader``: no QEMU release offers T=1,
-so this is untested against a real QEMU (docs/libvirt.md#L33).
+so this is untested against a real QEMU (docs/libvirt-facts.md#L33).
 """
 
 from __future__ import annotations

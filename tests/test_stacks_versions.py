@@ -146,7 +146,7 @@ def test_no_released_qemu_has_the_t1_property(qemu_stack) -> None:  # noqa: ANN0
 
 def test_the_probe_sees_the_property_when_qemu_lists_it() -> None:
     """A help line of the form QEMU prints, for the property QEMU's development tree adds
-    (made up here: no release has it, docs/libvirt.md#L33)."""
+    (made up here: no release has it, docs/libvirt-facts.md#L33)."""
     text = ("usb-ccid options:\n  attached=<bool>\n  debug=<uint8>          -  (default: 0)\n"
             "  x-t1-support=<bool>    -  (default: true)\n")
     assert installed.T1_PROPERTY in installed.device_properties(text)

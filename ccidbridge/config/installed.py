@@ -65,7 +65,7 @@ def usb_ccid_properties(binary: str = "qemu-system-x86_64") -> set[str]:
 def usb_ccid_offers_t1(binary: str = "qemu-system-x86_64") -> bool:
     """Does the installed QEMU's usb-ccid have the ``x-t1-support`` property?
 
-    Probed (docs/libvirt.md#L33): QEMU's development tree adds it, no release up
+    Probed (docs/libvirt-facts.md#L33): QEMU's development tree adds it, no release up
     to 11.1 has it, so a version number cannot tell.
     """
     return T1_PROPERTY in usb_ccid_properties(binary)

@@ -1,14 +1,14 @@
 """libvirt 9.0's normalization of the config's devices: indexes, addresses, aliases.
 
 Pure: from ``Devices`` to a ``Layout`` that both renderers read.  The rules
-(docs/libvirt.md#L4 .. #L8), all checked against ``virsh define`` +
+(docs/libvirt-facts.md#L4 .. #L8), all checked against ``virsh define`` +
 ``dumpxml --inactive`` and ``domxml-to-native`` (tests/test_libvirt_oracle.py):
 
 * A smartcard without an address gets ``controller='0' slot='0'``; a missing
   ``<controller type='ccid' index='0'>`` is added (virDomainDefMaybeAddSmartcardController).
 * ccid controllers the config lists are kept in index order; an implicit
   controller comes after them in libvirt 9.0, in index order among them in
-  newer libvirt (versions.SORTED_CCID_LIBVIRT, docs/libvirt.md#L32).  USB ports
+  newer libvirt (versions.SORTED_CCID_LIBVIRT, docs/libvirt-facts.md#L32).  USB ports
   are handed out in that order, the
   next free port of the first USB controller for each controller without one
   (virDomainUSBAddressAssign; we assume the domain has no other USB devices).

@@ -2,7 +2,7 @@
 
 Pure text rendering, formatted exactly as libvirt's formatter prints devices
 inside ``<devices>`` (4 spaces, single-quoted attributes, virBufferEscapeString
-escaping).  The rules it follows (docs/libvirt.md#L9; domain_conf.c
+escaping).  The rules it follows (docs/libvirt-facts.md#L9; domain_conf.c
 virDomainSmartcardDefFormat, virDomainChrSourceDefFormat,
 virDomainControllerDefFormat):
 
@@ -20,7 +20,7 @@ The extra cards (beyond libvirt's one) come out as a ``<qemu:commandline>``
 element that goes into ``<domain>`` itself, and so does a ``<qemu:override>``
 when the QEMU's usb-ccid offers T=1.  The device lines are the same for
 libvirt 9.0, 11.3 and 12.8 (tests/test_libvirt_oracle.py); only the layout's
-USB ports differ (layout.py, docs/libvirt.md#L32).
+USB ports differ (layout.py, docs/libvirt-facts.md#L32).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def override_lines(lay: Layout, version: Versions) -> list[str]:
 
     libvirt (8.2 and later, JSON ``-device``) appends a frontend property to the
     device's JSON; this is how ``x-t1-support=off`` reaches a QEMU that offers it
-    (qemu_argv.usb_ccid_overrides, docs/libvirt.md#L33).
+    (qemu_argv.usb_ccid_overrides, docs/libvirt-facts.md#L33).
     """
     props = usb_ccid_overrides(version)
     if not props or not lay.controllers:

@@ -4,7 +4,7 @@ Which elements, attributes and values exist is vocabulary.py's; this module
 checks each element against its entry there (messages included) and adds the
 rules across attributes and devices.  Each check names the libvirt rule it
 mirrors (domain_conf.c's parser, the QEMU driver's validator qemu_validate.c,
-or domaincommon.rng; docs/libvirt.md#L1) and reports ``FILE:LINE: what is
+or domaincommon.rng; docs/libvirt-facts.md#L1) and reports ``FILE:LINE: what is
 wrong, what is allowed``.  Where libvirt accepts something that cannot work (a
 relative unix socket path, an out-of-range port), the check is stricter and
 says why.  Every value is resolved here, once (a service name to its port).

@@ -1,6 +1,6 @@
 """Render a Layout as the QEMU arguments libvirt builds for those devices.
 
-Pure.  The rules (docs/libvirt.md#L10 .. #L13; qemu_command.c, checked with
+Pure.  The rules (docs/libvirt-facts.md#L10 .. #L13; qemu_command.c, checked with
 ``virsh domxml-to-native``):
 
 * order: ccid controllers (``usb-ccid``) after the USB controller, then the
@@ -13,7 +13,7 @@ Pure.  The rules (docs/libvirt.md#L10 .. #L13; qemu_command.c, checked with
 * in key=value values commas are doubled; JSON needs no escaping;
 * a listening socket gets ``server=on,wait=off``; ``telnet=on`` comes first;
   ``reconnect=<s>``, or ``reconnect-ms=<ms>`` when both QEMU and libvirt know it
-  (ccidbridge.config.versions, docs/libvirt.md#L31); TLS adds ``-object
+  (ccidbridge.config.versions, docs/libvirt-facts.md#L31); TLS adds ``-object
   tls-creds-x509`` (endpoint client or server, verify-peer true, dir
   /etc/pki/qemu) and ``tls-creds=``; the log goes last;
 * the spicevmc sub-channel is ``smartcard`` for a card, ``vdagent`` for a channel;
@@ -198,7 +198,7 @@ def _channel_args(placed: PlacedChannel, version: Versions) -> list[str]:
 
 def usb_ccid_overrides(version: Versions) -> Props:
     """usb-ccid properties ccidbridge sets beyond libvirt's own: ``x-t1-support=off`` when
-    the QEMU offers it, so the guest never negotiates T=1 (docs/libvirt.md#L33).  libvirt
+    the QEMU offers it, so the guest never negotiates T=1 (docs/libvirt-facts.md#L33).  libvirt
     appends them as ``<qemu:override>`` frontend properties (libvirt_xml.override_lines)."""
     return [(T1_PROPERTY, False)] if version.usb_ccid_t1 else []
 

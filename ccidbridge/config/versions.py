@@ -1,10 +1,10 @@
-"""The QEMU and libvirt versions the renderers write for (docs/libvirt.md#L30).
+"""The QEMU and libvirt versions the renderers write for (docs/libvirt-facts.md#L30).
 
 Pure.  libvirt's output for a device depends on both: on QEMU's through the
 capabilities libvirt probes (JSON ``-device`` from QEMU 7.0, JSON ``-object``
 from 6.0, ``reconnect-ms`` from 9.2), and on libvirt's own, because a libvirt
 only uses what it knows: libvirt 9.0 prints ``reconnect=<s>`` even for QEMU 10
-(docs/libvirt.md#L31).  A :class:`Target` is the pair; ``--qemu-version`` and
+(docs/libvirt-facts.md#L31).  A :class:`Target` is the pair; ``--qemu-version`` and
 ``--libvirt-version`` pick it, defaulting to what is installed.
 
 Only versions inside the covered ranges are accepted: outside them libvirt's
@@ -56,13 +56,13 @@ class QemuVersion:
 
     @property
     def has_reconnect_ms(self) -> bool:
-        """QEMU 9.2 added ``reconnect-ms`` and deprecated ``reconnect`` (docs/libvirt.md#L31)."""
+        """QEMU 9.2 added ``reconnect-ms`` and deprecated ``reconnect`` (docs/libvirt-facts.md#L31)."""
         return self >= QemuVersion(9, 2)
 
     @property
     def refuses_reconnect(self) -> bool:
         """QEMU removed the deprecated ``reconnect`` in 10.2: 11.1 refuses it ("Invalid
-        parameter 'reconnect'", docs/libvirt.md#L31)."""
+        parameter 'reconnect'", docs/libvirt-facts.md#L31)."""
         return self >= QemuVersion(10, 2)
 
     @property
@@ -72,7 +72,7 @@ class QemuVersion:
 
     @property
     def usb_ccid_t1(self) -> bool:
-        """No QEMU release up to 11.1 has usb-ccid's ``x-t1-support`` (docs/libvirt.md#L33)."""
+        """No QEMU release up to 11.1 has usb-ccid's ``x-t1-support`` (docs/libvirt-facts.md#L33)."""
         return False
 
 
@@ -90,7 +90,7 @@ class LibvirtVersion:
         return f"{self.major}.{self.minor}"
 
 
-#: The ranges whose output the oracle suite compares (docs/libvirt.md#L30).
+#: The ranges whose output the oracle suite compares (docs/libvirt-facts.md#L30).
 OLDEST_QEMU = QemuVersion(5, 2)
 NEWEST = QemuVersion(11, 1)  # the default when no qemu-system-x86_64 is installed
 OLDEST_LIBVIRT = LibvirtVersion(9, 0)
@@ -98,12 +98,12 @@ NEWEST_LIBVIRT = LibvirtVersion(12, 8)  # the default when no libvirtd is instal
 #: From this libvirt on (seen in 11.3, not in 9.0; the release in between that changed it
 #: is not pinned down) an implicit ccid controller is inserted in index order, so it
 #: takes its USB port before the higher-indexed controllers the config lists
-#: (docs/libvirt.md#L32); 9.0 appends it after them.
+#: (docs/libvirt-facts.md#L32); 9.0 appends it after them.
 SORTED_CCID_LIBVIRT = LibvirtVersion(11, 3)
-#: The usb-ccid property that lets a guest negotiate T=1 (docs/libvirt.md#L33).
+#: The usb-ccid property that lets a guest negotiate T=1 (docs/libvirt-facts.md#L33).
 T1_PROPERTY = "x-t1-support"
 #: The first libvirt release that knows QEMU's ``reconnect-ms`` (capability
-#: chardev-reconnect-miliseconds, docs/libvirt.md#L31): 10.9 or 10.10 by where the
+#: chardev-reconnect-miliseconds, docs/libvirt-facts.md#L31): 10.9 or 10.10 by where the
 #: capability sits in libvirt's list; we take 10.9 (9.0 and 11.3 are what the oracle runs).
 RECONNECT_MS_LIBVIRT = LibvirtVersion(10, 9)
 
@@ -132,7 +132,7 @@ class Target:
     libvirt: LibvirtVersion = NEWEST_LIBVIRT
     #: The QEMU's usb-ccid offers ``x-t1-support`` (probed with ``-device usb-ccid,help``,
     #: never inferred from a version): the output then switches it off, so the guest
-    #: stays on T=0, the only protocol the bridge relays (docs/libvirt.md#L33).
+    #: stays on T=0, the only protocol the bridge relays (docs/libvirt-facts.md#L33).
     usb_ccid_t1: bool = False
 
     def __str__(self) -> str:
@@ -148,13 +148,13 @@ class Target:
 
     @property
     def reconnect_ms(self) -> bool:
-        """``reconnect-ms=<ms>`` rather than ``reconnect=<s>`` (docs/libvirt.md#L31)."""
+        """``reconnect-ms=<ms>`` rather than ``reconnect=<s>`` (docs/libvirt-facts.md#L31)."""
         return self.qemu.has_reconnect_ms and self.libvirt >= RECONNECT_MS_LIBVIRT
 
     @property
     def reconnect_broken(self) -> bool:
         """This libvirt prints ``reconnect=<s>`` and this QEMU refuses it: a domain with
-        ``<reconnect>`` does not start (docs/libvirt.md#L31)."""
+        ``<reconnect>`` does not start (docs/libvirt-facts.md#L31)."""
         return not self.reconnect_ms and self.qemu.refuses_reconnect
 
 

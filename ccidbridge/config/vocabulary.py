@@ -4,7 +4,7 @@ The parser (``parse.py``) checks every element against its entry here and
 takes its messages from it; the shipped ``schema.rng`` is checked against this
 table in tests/test_config_schema.py (and against libvirt's own
 virt-xml-validate), never on the user's path.  The libvirt part follows
-libvirt 9.0's domaincommon.rng and parser (docs/libvirt.md#L1); ``<reader>``
+libvirt 9.0's domaincommon.rng and parser (docs/libvirt-facts.md#L1); ``<reader>``
 ``<tls>``, ``<cleartext>``, ``<pin-guard>`` and ``<policy>`` are ccidbridge's own.
 
 To add an attribute: add an ``Attr`` to its element's ``attrs`` below (kind,

@@ -2,7 +2,7 @@
 
 For each served card, three QEMU objects (the same ones libvirt's
 ``<controller type='ccid'>`` + ``<smartcard mode='passthrough'>`` start a
-domain with, docs/libvirt.md): a ``usb-ccid`` reader on the guest's USB bus,
+domain with, docs/libvirt-facts.md): a ``usb-ccid`` reader on the guest's USB bus,
 a socket chardev, and a ``ccid-card-passthru`` card on the reader's bus.
 
 Rules (each stated here once, enforced where tagged):

@@ -10,30 +10,30 @@ G1  The counters followed are those of the commands that spend a try, in every
     (24/25) and RESET RETRY COUNTER (2C/2D).  VERIFY and CHANGE REFERENCE DATA
     spend the try counter of the reference data P2 names; RESET RETRY COUNTER
     spends that of the resetting code (a PUK; OpenPGP's reset code), which is
-    its own counter.  (docs/middleware.md#M13)
+    its own counter.  (docs/middleware-facts.md#M13)
 G2  A counter belongs to one application on one logical channel (selection.py):
     the same P2 in two applications is two counters.  In OpenPGP (AID prefix
-    D2 76 00 01 24 01) P2 81 and 82 are both PW1.  (docs/middleware.md#M14)
+    D2 76 00 01 24 01) P2 81 and 82 are both PW1.  (docs/middleware-facts.md#M14)
 G3  A command spends a try only if it carries data and asks for a check:
     VERIFY with P1 00 (P1 FF only resets the verification status), CHANGE
     REFERENCE DATA with P1 00 (01: new data only), RESET RETRY COUNTER with
     P1 00 or 01 (02, 03: no resetting code).  VERIFY without data asks for the
     counter and spends nothing.  (ISO/IEC 7816-4 §11.5.6-11.5.10,
-    docs/middleware.md#M13)
+    docs/middleware-facts.md#M13)
 G4  What the card reports sets the counter: 63Cx = x tries left; 6983 = none
     (blocked); 6300 (failed, no count) = one less than known; success (9000)
     after a check = reset, the counter is unknown again until the card
     reports it.  RESET RETRY COUNTER's success also resets the counter of the
     reference it unblocked.  OpenPGP also reports PW1, reset code and PW3 in
     the PW status bytes (DO C4, in GET DATA 00C4 and inside 006E/73).
-    (docs/middleware.md#M14)
+    (docs/middleware-facts.md#M14)
 G5  A command that spends a try is refused while its counter is known and at
     most ``keep`` (default 1): the guest would leave fewer than ``keep`` tries.
     The refusal is answered 6983, "authentication method blocked", without
     reaching the card: for the guest the PIN is blocked (by the bridge), and
     middleware has a path for it that does not retry (OpenSC
     SC_ERROR_AUTH_METHOD_BLOCKED, GnuPG "PIN blocked"), where 63Cx would make
-    it count down and prompt again.  (docs/middleware.md#M15)
+    it count down and prompt again.  (docs/middleware-facts.md#M15)
 G6  An unknown counter allows the command (and is learned from its answer).
 G7  After a card reset or reinsertion nothing is known (it may be another card).
 G8  ``keep = 0`` switches the guard off.

@@ -21,7 +21,7 @@ P4  A denied command is answered 6985, "conditions of use not satisfied",
     (SC_ERROR_NOT_ALLOWED) and GnuPG (GPG_ERR_USE_CONDITIONS) report as such.
     6986 reads as "no current EF" to newer GnuPG (ENOENT), 6D00/6A81 as "the card
     cannot" (middleware tries other command forms), 6982 as "log in first"
-    (a PIN prompt; GnuPG: bad PIN).  (docs/middleware.md#M15)
+    (a PIN prompt; GnuPG: bad PIN).  (docs/middleware-facts.md#M15)
 P5  A command shorter than a header (4 bytes) is not a command: no rule
     applies, the card answers it with an error of its own.
 P6  ENVELOPE (C2/C3) may wrap any command: a rule for the wrapped INS cannot

@@ -8,14 +8,14 @@ rules, stated once here:
 S1  The application is the DF name (AID) of the last SELECT by DF name
     (INS A4, P1 04) the card answered with success (9000, 61xx or a 62xx/63xx
     warning), as the guest wrote it: possibly a prefix of the full AID
-    (partial selection, ISO/IEC 7816-4 §11.2.2).  (docs/middleware.md#M12)
+    (partial selection, ISO/IEC 7816-4 §11.2.2).  (docs/middleware-facts.md#M12)
 S2  A failed SELECT by DF name leaves the selection as it was (ISO/IEC 7816-4:
     the current DF stays); other SELECT forms (by file identifier, path,
     parent) select files inside the application and leave it too.
 S3  Each logical channel has its own selection.  The channel comes from CLA:
     first interindustry classes (b8 b7 = 00) and proprietary ones (b8 = 1)
     carry it in b2 b1 (0-3), further interindustry classes (b8 b7 = 01) in b4..b1
-    (4-19).  (ISO/IEC 7816-4 §5.4.1, docs/middleware.md#M12)
+    (4-19).  (ISO/IEC 7816-4 §5.4.1, docs/middleware-facts.md#M12)
 S4  After a card reset (power-up, reinsertion) nothing is known: the card's
     implicit application is unknown (``None``).  The same holds for a channel
     MANAGE CHANNEL (INS 70) opened or closed: what a new channel holds is the

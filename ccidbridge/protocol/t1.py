@@ -3,7 +3,7 @@
 Pure.  usb-ccid works at TPDU level and forwards a guest's XfrBlock payload
 verbatim as a VSC_APDU.  Released QEMUs (up to 11.1) offer only T=0, so that
 payload is an APDU.  QEMU's development tree adds usb-ccid's ``x-t1-support``
-(on by default, docs/libvirt.md#L33): a guest that negotiates T=1 then sends
+(on by default, docs/libvirt-facts.md#L33): a guest that negotiates T=1 then sends
 **T=1 blocks** (ISO/IEC 7816-3 §11.3: NAD, PCB, LEN, INF, EDC), which a card
 would take for garbage APDUs.  ccidbridge's generated config switches the
 property off; this rule is the bridge's own guard when it is on anyway.
@@ -18,7 +18,7 @@ APDUs are not refused:
 * an I-block carries at least a 4-byte APDU (CLA INS P1 P2), an R-block no
   INF, an S-block at most one byte (IFS or WTX).
 
-Untested against a real QEMU: no release offers T=1 (docs/libvirt.md#L33);
+Untested against a real QEMU: no release offers T=1 (docs/libvirt-facts.md#L33);
 the QEMU twin (lab/twin.py, ``t1_reader``) models it.
 """
 

@@ -1,6 +1,6 @@
 """One served card: the session, its card side and its connection to QEMU.
 
-The threading model (chosen by measurement, docs/performance.md#B5 and #B6):
+The threading model (chosen by measurement, docs/benchmarks.md#B5 and #B6):
 one **APDU thread** per card does everything on the APDU path itself — it
 polls the socket, feeds the sans-IO session, calls SCardTransmit
 synchronously and writes the answer — so a guest command costs no thread
@@ -74,7 +74,7 @@ from ccidbridge.spec import ServedCard, is_loopback
 #: How long shutdown waits for QEMU to ack CardRemove and ReaderRemove.
 SHUTDOWN_ACK_TIMEOUT = 1.0
 #: Stop reading the peer while this much of our output waits in our buffer:
-#: a peer that does not read gets no new commands in (docs/performance.md#B2).
+#: a peer that does not read gets no new commands in (docs/benchmarks.md#B2).
 OUT_HIGH_WATER = 4096
 NOT_ANSWERING = "the card is not answering"
 #: A TLS peer that has not finished its handshake by then loses its connection.

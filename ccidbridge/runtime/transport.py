@@ -29,14 +29,14 @@ import tempfile
 from ccidbridge.spec import Endpoint
 
 #: Reconnect backoff: first retry after this, doubling up to RETRY_MAX.  The
-#: cap bounds how long a restarted QEMU waits for us (docs/performance.md#B3,
+#: cap bounds how long a restarted QEMU waits for us (docs/benchmarks.md#B3,
 #: recovery: QEMU listening to ATR acked within 1 s, and the ATR itself waits
 #: qemu.REINSERT_PAUSE after the resync).  A refused connect on loopback costs
 #: microseconds.
 RETRY_MIN = 0.05
 RETRY_MAX = 0.25
 #: One read takes at most this much; with the out-buffer limit below it bounds
-#: what a peer that stops reading can make the bridge hold (docs/performance.md#B2).
+#: what a peer that stops reading can make the bridge hold (docs/benchmarks.md#B2).
 READ_SIZE = 4096
 
 class TransportError(Exception):

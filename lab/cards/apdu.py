@@ -16,7 +16,7 @@ below, so those rules are stated once, here:
 * Le absent (case 1/3 form of a command that has an answer): a *lenient* card
   (YubiKey-like) answers as if Le were 256; a *strict* card honours ISO
   7816-3's "no Le, no data" and answers the bare status word
-  (docs/middleware.md#M9).
+  (docs/middleware-facts.md#M9).
 * Command chaining (CLA bit 0x10, ISO 7816-4 §5.1.1): every block but the last
   is answered 9000; the last one runs the joined command.
 """

@@ -2,7 +2,7 @@
 
 * ``scdaemon.conf``: ``disable-ccid`` and ``pcsc-driver`` (libpcsclite), so
   scdaemon uses pcscd like every other PC/SC client and never opens USB
-  readers itself (docs/middleware.md#M10).
+  readers itself (docs/middleware-facts.md#M10).
 * ``gpg-agent.conf``: our own pinentry — a shell script that answers GETPIN
   with the PIN in ``pin`` (written by :meth:`GnupgHome.set_pin`), so signing
   with the card needs no terminal.  The PIN never reaches a log.
@@ -140,7 +140,7 @@ class GnupgHome:
 
     def key_from_card(self, grip: str, created: int, name: str = "ccidbridge test card") -> str:
         """An OpenPGP primary key (RSA, sign) made from the card key ``grip``, with the
-        card's key time ``created``, so its fingerprint is the card's (docs/middleware.md#M11).
+        card's key time ``created``, so its fingerprint is the card's (docs/middleware-facts.md#M11).
         The self-signature is made by the card: set the PIN first.  Returns the fingerprint."""
         when = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created))
         params = (

@@ -1,7 +1,7 @@
 """An OpenPGP card 3.4, YubiKey-5-style, with real RSA-2048 keys (``cryptography``).
 
 What it answers (OpenPGP card spec 3.4; what GnuPG's scdaemon and OpenSC's
-``openpgp`` driver read: docs/middleware.md#M1 .. #M8):
+``openpgp`` driver read: docs/middleware-facts.md#M1 .. #M8):
 
 ==============  ==============================================================
 SELECT   A4     AID D2 76 00 01 24 01 → 9000 (no FCI, like a YubiKey); other → 6A82
@@ -227,7 +227,7 @@ class OpenPgpCard(Applet):
 
     def data_object(self, tag: int) -> bytes | None:
         """GET DATA's answer for ``tag``: constructed DOs come with their own tag, as
-        YubiKeys send them (docs/middleware.md#M3)."""
+        YubiKeys send them (docs/middleware-facts.md#M3)."""
         simple = {
             0x004F: AID,
             0x005E: b"ccidbridge",

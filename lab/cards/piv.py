@@ -17,7 +17,7 @@ GET CHAL 84     Le random bytes (so OpenSC's RNG probe gets an answer)
 ==============  ==============================================================
 
 Answers longer than Le come as 61xx + GET RESPONSE, as T=1 PIV cards (YubiKey,
-Gemalto) deliver them to OpenSC's short APDUs (docs/middleware.md#M6).
+Gemalto) deliver them to OpenSC's short APDUs (docs/middleware-facts.md#M6).
 
 Run: ``python -m lab.cards.piv --port P --key-dir DIR``; in-process:
 ``VpcdClient(port, PivCard.from_key_dir(DIR)).start()``.

@@ -2,7 +2,7 @@
 
 ISO 7816-3 §12 (T=1) carries the APDU as it is, so the card sees whether Le is
 there; a card that honours "no Le, no data" answers a case-4 command sent
-without Le (the way a T=0 host stack sends it, docs/middleware.md#M9) with a
+without Le (the way a T=0 host stack sends it, docs/middleware-facts.md#M9) with a
 bare status word.  This card does exactly that, everywhere:
 
 ==============  ==============================================================
