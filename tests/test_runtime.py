@@ -148,29 +148,7 @@ def test_stale_socket_file_is_replaced_but_a_regular_file_is_not(tmp_path) -> No
 # -- real QEMU 7.2 -------------------------------------------------------------------
 
 
-@pytest.mark.qemu
-@pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_handshake_acked_by_real_qemu_bridge_connecting(qemu_passthru, kind: str) -> None:
-    qemu: QemuPassthru = qemu_passthru(kind, debug=True)
-    with RunningBridge(served_card(_bridge_side(qemu.endpoint, listens=False)), InstantCard()) as b:
-        b.wait_synced()
-        b.wait_log("QEMU accepted the ATR")
-    out = qemu.stdout()
-    assert "VSC_ATR" in out  # QEMU's own debug line for the ATR it accepted
-
-
-@pytest.mark.qemu
-@pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_handshake_acked_by_real_qemu_connecting_to_the_bridge(
-    qemu_passthru, tmp_path, kind: str
-) -> None:
-    ep = UnixEndpoint(str(tmp_path / "b.sock")) if kind == "unix" else TcpEndpoint(free_tcp_port())
-    with RunningBridge(served_card(_bridge_side(ep, listens=True)), InstantCard()) as b:
-        b.wait_log("listening on")
-        qemu_passthru(kind, server=False, endpoints=[ep])
-        b.wait_synced(10)
-        if kind == "unix":
-            assert stat.S_IMODE(os.stat(ep.path).st_mode) == 0o600
+# The handshake with real QEMU, both ways, runs per stack in tests/test_stacks_runtime.py.
 
 
 @pytest.mark.qemu
