@@ -37,6 +37,38 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
+def _usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """A CA signs certificates (and CRLs); an end entity signs and enciphers."""
+    return x509.KeyUsage(
+        digital_signature=not cert_sign, content_commitment=False,
+        key_encipherment=not cert_sign, data_encipherment=False, key_agreement=False,
+        key_cert_sign=cert_sign, crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+def _certificate(
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    signer: ec.EllipticCurvePrivateKey,
+    days: tuple[int, int],
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
+    """One certificate valid from ``days[0]`` to ``days[1]`` days from now."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_NOW + datetime.timedelta(days=days[0]))
+        .not_valid_after(_NOW + datetime.timedelta(days=days[1]))
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signer, hashes.SHA256())
+
+
 class Pki:
     """One certificate authority and the credentials it issues."""
 
@@ -44,25 +76,10 @@ class Pki:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.key = _key()
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(_name(name))
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_NOW - datetime.timedelta(days=1))
-            .not_valid_after(_NOW + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
+        self.cert = _certificate(_name(name), _name(name), self.key, self.key, (-1, 30), [
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (_usage(cert_sign=True), True),
+        ])
         self.ca_pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
     def creds(
@@ -78,37 +95,19 @@ class Pki:
         out = self.directory / (subdir or f"{role}-{name}{'-expired' if expired else ''}")
         out.mkdir(parents=True, exist_ok=True)
         key = _key()
-        if expired:
-            start, end = _NOW - datetime.timedelta(days=10), _NOW - datetime.timedelta(days=1)
-        else:
-            start, end = _NOW - datetime.timedelta(days=1), _NOW + datetime.timedelta(days=30)
         try:
             alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
         except ValueError:
             alt = x509.DNSName(name)
         eku = ExtendedKeyUsageOID
         usage = eku.SERVER_AUTH if role == "server" else eku.CLIENT_AUTH
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=True,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
+        cert = _certificate(_name(name), self.cert.subject, key, self.key,
+                            (-10, -1) if expired else (-1, 30), [
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (_usage(cert_sign=False), True),
+            (x509.ExtendedKeyUsage([usage]), False),
+            (x509.SubjectAlternativeName([alt]), False),
+        ])
         (out / "ca-cert.pem").write_bytes(self.ca_pem)
         (out / f"{role}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_path = out / f"{role}-key.pem"
