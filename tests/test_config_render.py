@@ -38,7 +38,8 @@ def test_reconnect_ms_from_qemu_9_2() -> None:
 
 
 def test_key_value_devices_before_qemu_7() -> None:
-    """As libvirt 9.0's qemuxml2argvdata has it for QEMU 6.2 (key=value, docs/libvirt-facts.md#L11)."""
+    """As libvirt 9.0's qemuxml2argvdata has it for QEMU 6.2 (key=value,
+    docs/libvirt-facts.md#L11)."""
     assert _argv(CERTS, "6.2") == [
         "-device", "usb-ccid,id=ccid0,bus=usb.0,port=1",
         "-device", "ccid-card-emulated,backend=certificates,cert1=cert1,cert2=cert2,"

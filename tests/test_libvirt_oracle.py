@@ -171,7 +171,8 @@ def test_notes_case_old_syntax(libvirtd, case: str, caps: str) -> None:
     config = f"<ccidbridge>{CASES[case]}</ccidbridge>"
     if caps == KV_ALL and not libvirtd.stack.is_host:
         # libvirt 11.3 and 12.8 no longer have object.qapified (-object is always JSON;
-        # they drive no QEMU older than 6.0): deleting it changes nothing (docs/libvirt-facts.md#L32)
+        # they drive no QEMU older than 6.0): deleting it changes nothing
+        # (docs/libvirt-facts.md#L32)
         devices = config_devices(config)
         without = _check(libvirtd.domxml_to_native(wrap(devices, KV_ALL)), "config")
         assert native_args(without) == native_args(

@@ -56,7 +56,8 @@ class QemuVersion:
 
     @property
     def has_reconnect_ms(self) -> bool:
-        """QEMU 9.2 added ``reconnect-ms`` and deprecated ``reconnect`` (docs/libvirt-facts.md#L31)."""
+        """QEMU 9.2 added ``reconnect-ms`` and deprecated ``reconnect``
+        (docs/libvirt-facts.md#L31)."""
         return self >= QemuVersion(9, 2)
 
     @property
@@ -72,7 +73,8 @@ class QemuVersion:
 
     @property
     def usb_ccid_t1(self) -> bool:
-        """No QEMU release up to 11.1 has usb-ccid's ``x-t1-support`` (docs/libvirt-facts.md#L33)."""
+        """No QEMU release up to 11.1 has usb-ccid's ``x-t1-support``
+        (docs/libvirt-facts.md#L33)."""
         return False
 
 

@@ -140,7 +140,8 @@ class GnupgHome:
 
     def key_from_card(self, grip: str, created: int, name: str = "ccidbridge test card") -> str:
         """An OpenPGP primary key (RSA, sign) made from the card key ``grip``, with the
-        card's key time ``created``, so its fingerprint is the card's (docs/middleware-facts.md#M11).
+        card's key time ``created``, so its fingerprint is the card's
+        (docs/middleware-facts.md#M11).
         The self-signature is made by the card: set the PIN first.  Returns the fingerprint."""
         when = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created))
         params = (
